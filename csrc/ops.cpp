@@ -1,0 +1,23 @@
+// The one place every hydra_fast op schema is declared. Kernels register implementations per dispatch key
+// in csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu; python/hydra_fast/ops.py documents shapes and registers the
+// fake (meta) kernels; python/hydra_fast/reference.py is the pure-PyTorch specification of each op.
+#include <torch/library.h>
+
+TORCH_LIBRARY(hydra_fast, m) {
+  // q [B, Hq, N, D], k_cache/v_cache [B, Hkv, S, D], cache_lens int32 [B], tree_mask bool [N, N]
+  //   -> out [B, N, Hq, D]. Query i sees cache positions [0, len) and len + j where tree_mask[i, j].
+  m.def("tree_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_lens, Tensor tree_mask, "
+        "float scale) -> Tensor");
+  // hidden [R, d], path_tokens int64 [R, k], embed [V, d], weights[0] [d, (k+1)d], weights[i>0] [d, d],
+  // biases[i] [d], res_weight/res_bias: the first block's learned residual (required iff k > 0) -> [R, d]
+  m.def("draft_head_mlp(Tensor hidden, Tensor path_tokens, Tensor embed, Tensor[] weights, Tensor[] biases, "
+        "Tensor? res_weight, Tensor? res_bias) -> Tensor");
+  // logits [B, N, V], candidates int64 [B, N], paths int64 [P, L] (-1 padded, paths[:, 0] == 0)
+  //   -> (accept_len int64 [B], out_tokens int64 [B, L], accepted_nodes int64 [B, L])
+  m.def("accept_greedy(Tensor logits, Tensor candidates, Tensor paths) -> (Tensor, Tensor, Tensor)");
+  // as accept_greedy, plus uniform float32 [B] in [0, 1) for the extra token's inverse-CDF draw
+  m.def("accept_typical(Tensor logits, Tensor candidates, Tensor paths, Tensor uniform, float temperature, "
+        "float posterior_threshold, float posterior_alpha) -> (Tensor, Tensor, Tensor)");
+  // k_cache/v_cache [L, B, Hkv, S, D] (all layers), cache_lens int32 [B], accepted_nodes int64 [B, Lp]
+  m.def("kv_compact(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_lens, Tensor accepted_nodes) -> ()");
+}

@@ -1,0 +1,171 @@
+"""The specification: a pure-PyTorch twin of every hydra_fast op, same name and signature as ``ops.py``.
+
+Each function is written for clarity, not speed. The C++/CUDA kernels are tested against these, and the
+decoding engine can run on them (``ops.use_reference(True)``) where the extension is not built.
+None of them reads a value back to the host or produces a data-dependent shape.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def tree_attention(
+    q: torch.Tensor,  # [B, Hq, N, D]
+    k_cache: torch.Tensor,  # [B, Hkv, S, D]
+    v_cache: torch.Tensor,  # [B, Hkv, S, D]
+    cache_lens: torch.Tensor,  # int32 [B]
+    tree_mask: torch.Tensor,  # bool [N, N]
+    scale: float,
+) -> torch.Tensor:  # [B, N, Hq, D]
+    B, Hq, N, D = q.shape
+    Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    group = Hq // Hkv
+    pos = torch.arange(S, device=q.device)  # [S]
+    lens = cache_lens.to(torch.long).view(B, 1, 1)  # [B, 1, 1]
+    rel = pos.view(1, 1, S) - lens  # [B, 1, S] position relative to the tree's first slot
+    in_cache = rel < 0  # [B, 1, S]
+    in_tree = (rel >= 0) & (rel < N)  # [B, 1, S]
+    tree_cols = rel.clamp(0, N - 1).expand(B, N, S)  # [B, N, S]
+    tree_ok = torch.gather(tree_mask.to(torch.bool).unsqueeze(0).expand(B, N, N), 2, tree_cols)  # [B, N, S]
+    allowed = in_cache | (in_tree & tree_ok)  # [B, N, S]
+    k = k_cache.float().repeat_interleave(group, dim=1)  # [B, Hq, S, D]
+    v = v_cache.float().repeat_interleave(group, dim=1)  # [B, Hq, S, D]
+    scores = torch.matmul(q.float(), k.transpose(-1, -2)) * scale  # [B, Hq, N, S]
+    scores = scores.masked_fill(~allowed.unsqueeze(1), float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.matmul(probs, v)  # [B, Hq, N, D]
+    return out.transpose(1, 2).contiguous().to(q.dtype)  # [B, N, Hq, D]
+
+
+def draft_head_mlp(
+    hidden: torch.Tensor,  # [R, d]
+    path_tokens: torch.Tensor,  # int64 [R, k]
+    embed: torch.Tensor,  # [V, d]
+    weights: list[torch.Tensor],  # [d, (k+1)d], then [d, d] ...
+    biases: list[torch.Tensor],  # [d] each
+    res_weight: torch.Tensor | None,  # [d, (k+1)d] or None when k == 0
+    res_bias: torch.Tensor | None,  # [d] or None
+) -> torch.Tensor:  # [R, d]
+    R, k = path_tokens.shape
+    emb = embed[path_tokens.reshape(-1)].reshape(R, -1)  # [R, k*d]
+    x = torch.cat([hidden, emb.to(hidden.dtype)], dim=-1)  # [R, (k+1)d]
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        y = F.silu(F.linear(x, w, b))
+        if i == 0 and res_weight is not None:
+            x = F.linear(x, res_weight, res_bias) + y
+        else:
+            x = x + y
+    return x
+
+
+def _paths_accept(match: torch.Tensor, paths: torch.Tensor) -> torch.Tensor:
+    """match [B, N] bool: node's token accepted given its parent. -> accepted draft count per path [B, P]."""
+    P, L = paths.shape
+    valid = paths[:, 1:] >= 0  # [P, L-1]
+    node_ok = match[:, paths[:, 1:].clamp(min=0)] & valid.unsqueeze(0)  # [B, P, L-1]
+    return torch.cumprod(node_ok.to(torch.long), dim=-1).sum(-1)  # [B, P]
+
+
+def _gather_outputs(paths, best, accept_len, candidates, extra):
+    """Accepted node indices and tokens along each sequence's best path, -1 padded. [B, L] each."""
+    B = best.shape[0]
+    L = paths.shape[1]
+    j = torch.arange(L, device=paths.device).view(1, L)  # [1, L]
+    path_nodes = paths[best]  # [B, L]
+    keep = j <= accept_len.view(B, 1)  # [B, L]
+    accepted_nodes = torch.where(keep, path_nodes, torch.full_like(path_nodes, -1))
+    next_nodes = path_nodes.roll(-1, dims=1).clamp(min=0)  # [B, L]: the node after position j
+    drafted = torch.gather(candidates, 1, next_nodes)  # [B, L]
+    out = torch.where(j < accept_len.view(B, 1), drafted, torch.full_like(drafted, -1))
+    out = torch.where(j == accept_len.view(B, 1), extra.view(B, 1).expand(B, L), out)
+    return accept_len, out, accepted_nodes
+
+
+def accept_greedy(
+    logits: torch.Tensor,  # [B, N, V]
+    candidates: torch.Tensor,  # int64 [B, N]
+    paths: torch.Tensor,  # int64 [P, L]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, N, _ = logits.shape
+    argmax = logits.float().argmax(-1)  # [B, N]
+    parents = _parents_from_paths(paths, N)  # [N]
+    match = torch.gather(argmax, 1, parents.clamp(min=0).view(1, N).expand(B, N)) == candidates  # [B, N]
+    acc = _paths_accept(match, paths)  # [B, P]
+    accept_len, best = acc.max(-1)  # first path of the longest accepted length
+    last = torch.gather(paths[best], 1, accept_len.view(B, 1)).view(B)  # [B] last accepted node
+    extra = torch.gather(argmax, 1, last.view(B, 1)).view(B)
+    return _gather_outputs(paths, best, accept_len, candidates, extra)
+
+
+def accept_typical(
+    logits: torch.Tensor,  # [B, N, V]
+    candidates: torch.Tensor,  # int64 [B, N]
+    paths: torch.Tensor,  # int64 [P, L]
+    uniform: torch.Tensor,  # float32 [B]
+    temperature: float,
+    posterior_threshold: float,
+    posterior_alpha: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, N, V = logits.shape
+    logp = torch.log_softmax(logits.double() / temperature, dim=-1)  # [B, N, V]
+    p = logp.exp()
+    entropy = -(p * logp).nan_to_num(0.0).sum(-1)  # [B, N]; 0 * log 0 counts as 0
+    threshold = torch.clamp(posterior_alpha * torch.exp(-entropy), max=posterior_threshold)  # [B, N]
+    parents = _parents_from_paths(paths, N)  # [N]
+    par = parents.clamp(min=0).view(1, N).expand(B, N)  # [B, N]
+    rows = torch.arange(B, device=logits.device).view(B, 1)
+    cand_logp = logp[rows, par, candidates]  # [B, N] log-prob of each node's token under its parent
+    match = cand_logp.exp() > torch.gather(threshold, 1, par)  # [B, N]
+    acc = _paths_accept(match, paths)  # [B, P]
+    P, L = paths.shape
+    j = torch.arange(1, L, device=paths.device).view(1, 1, L - 1)
+    node_lp = cand_logp[:, paths[:, 1:].clamp(min=0)]  # [B, P, L-1]
+    score = torch.where(j <= acc.unsqueeze(-1), node_lp, torch.zeros_like(node_lp)).sum(-1)  # [B, P]
+    # longest path first, then highest total log-probability, then lowest index
+    key = acc.double() * 1e6 + score
+    best = key.argmax(-1)  # [B]
+    accept_len = torch.gather(acc, 1, best.view(B, 1)).view(B)
+    last = torch.gather(paths[best], 1, accept_len.view(B, 1)).view(B)  # [B]
+    last_p = torch.gather(p, 1, last.view(B, 1, 1).expand(B, 1, V)).view(B, V)  # [B, V]
+    cdf = last_p.cumsum(-1)  # [B, V]
+    target = uniform.double().view(B, 1) * cdf[:, -1:]
+    extra = (cdf <= target).sum(-1).clamp(max=V - 1)  # first index whose cdf exceeds u * total
+    return _gather_outputs(paths, best, accept_len, candidates, extra)
+
+
+def _parents_from_paths(paths: torch.Tensor, num_nodes: int) -> torch.Tensor:
+    """Parent of each node (-1 for the root) from root-to-leaf paths. [N]"""
+    P, L = paths.shape
+    parents = torch.full((num_nodes,), -1, dtype=torch.long, device=paths.device)
+    child = paths[:, 1:].reshape(-1)
+    parent = paths[:, :-1].reshape(-1)
+    ok = child >= 0
+    # every (parent, child) pair along a path; scatter is deterministic since a child has one parent
+    idx = torch.where(ok, child, torch.full_like(child, num_nodes))
+    buf = torch.full((num_nodes + 1,), -1, dtype=torch.long, device=paths.device)
+    buf.scatter_(0, idx, torch.where(ok, parent, torch.full_like(parent, -1)))
+    parents.copy_(buf[:num_nodes])
+    return parents
+
+
+def kv_compact(
+    k_cache: torch.Tensor,  # [L, B, Hkv, S, D], modified in place
+    v_cache: torch.Tensor,  # [L, B, Hkv, S, D], modified in place
+    cache_lens: torch.Tensor,  # int32 [B]
+    accepted_nodes: torch.Tensor,  # int64 [B, Lp], -1 padded
+) -> None:
+    B, Lp = accepted_nodes.shape
+    S = k_cache.shape[3]
+    lens = cache_lens.to(torch.long).view(B, 1)  # [B, 1]
+    j = torch.arange(Lp, device=accepted_nodes.device).view(1, Lp)
+    valid = accepted_nodes >= 0  # [B, Lp]
+    src = torch.where(valid, lens + accepted_nodes, lens + j).clamp(max=S - 1)  # [B, Lp]
+    dst = (lens + j).clamp(max=S - 1)  # [B, Lp]
+    for cache in (k_cache, v_cache):
+        Lyr, _, H, _, D = cache.shape
+        src_i = src.view(1, B, 1, Lp, 1).expand(Lyr, B, H, Lp, D)
+        dst_i = dst.view(1, B, 1, Lp, 1).expand(Lyr, B, H, Lp, D)
+        moved = torch.gather(cache, 3, src_i)  # read all before writing any
+        old = torch.gather(cache, 3, dst_i)
+        cache.scatter_(3, dst_i, torch.where(valid.view(1, B, 1, Lp, 1), moved, old))
