@@ -7,6 +7,7 @@ Environment:
                         1: require them (error if torch has no CUDA or nvcc is missing); 0: never.
   HYDRA_FAST_CUDA_ARCHS CUDA architectures for CMake (default "90", the H200).
   MAX_JOBS              parallel compile jobs (default: all cores).
+  HYDRA_FAST_BUILD_DIR  CMake build directory (default: setuptools' build_temp).
 """
 import os
 import shutil
@@ -62,7 +63,8 @@ class CMakeBuild(build_ext):
 
         with_cuda = _want_cuda(torch)
         out_path = Path(self.get_ext_fullpath(ext.name)).resolve()
-        build_dir = Path(self.build_temp).resolve() / ("cuda" if with_cuda else "cpu")
+        build_root = os.environ.get("HYDRA_FAST_BUILD_DIR") or self.build_temp
+        build_dir = Path(build_root).resolve() / ("cuda" if with_cuda else "cpu")
         build_dir.mkdir(parents=True, exist_ok=True)
         includes = cpp_extension.include_paths(device_type="cuda" if with_cuda else "cpu")
         lib_dir = cpp_extension.library_paths()[0]
