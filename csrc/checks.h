@@ -1,0 +1,228 @@
+// Input validation shared by the CPU kernels (csrc/cpu/) and the CUDA glue (csrc/cuda/). Header-only.
+//
+// Every failure is a TORCH_CHECK (RuntimeError in Python) whose message names the op and the argument and
+// says what was expected and what was given. The checks look only at metadata (device, dtype, shape,
+// strides, scalar arguments) and never read tensor data, so they are free on CUDA and safe during graph
+// capture. Value conditions (cache_lens[b] + N <= S, node indices in range, paths forming a tree) are the
+// caller's contract (the decoding engine guarantees them); the CPU kernels clamp indices so that a broken
+// contract gives wrong numbers, never an out-of-bounds read or write.
+//
+// Requirements specific to one backend (CUDA alignment, D % 8, ...) live in that backend's glue, not here.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+namespace hydra_fast {
+namespace checks_detail {
+
+inline bool is_low_or_fp32(at::ScalarType t) {
+  return t == at::kBFloat16 || t == at::kHalf || t == at::kFloat;
+}
+
+inline void same_device(const char* op, const std::string& name, const at::Tensor& t, const char* ref_name,
+                        const at::Tensor& ref) {
+  TORCH_CHECK(t.device() == ref.device(), "hydra_fast.", op, ": ", name, " must be on the same device as ", ref_name,
+              " (", ref.device(), "), got ", t.device());
+}
+
+inline void dims(const char* op, const std::string& name, const at::Tensor& t, int64_t n, const char* layout) {
+  TORCH_CHECK(t.dim() == n, "hydra_fast.", op, ": ", name, " must have ", n, " dims ", layout, ", got ", t.dim());
+}
+
+inline void dtype(const char* op, const std::string& name, const at::Tensor& t, at::ScalarType expected) {
+  TORCH_CHECK(t.scalar_type() == expected, "hydra_fast.", op, ": ", name, " must be ", expected, ", got ",
+              t.scalar_type());
+}
+
+inline void float_dtype(const char* op, const std::string& name, const at::Tensor& t) {
+  TORCH_CHECK(is_low_or_fp32(t.scalar_type()), "hydra_fast.", op, ": ", name,
+              " must be bfloat16, float16 or float32, got ", t.scalar_type());
+}
+
+inline void same_dtype(const char* op, const std::string& name, const at::Tensor& t, const char* ref_name,
+                       const at::Tensor& ref) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "hydra_fast.", op, ": ", name, " must have the dtype of ",
+              ref_name, " (", ref.scalar_type(), "), got ", t.scalar_type());
+}
+
+// t.size(d) must equal `expected`; `what` names the size ("B", "D", ...) and where the expectation comes from.
+inline void size(const char* op, const std::string& name, const at::Tensor& t, int64_t d, int64_t expected,
+                 const char* what) {
+  TORCH_CHECK(t.size(d) == expected, "hydra_fast.", op, ": ", name, ".size(", d, ") must be ", what, " = ",
+              expected, ", got ", t.size(d));
+}
+
+inline void last_dim_contiguous(const char* op, const std::string& name, const at::Tensor& t) {
+  TORCH_CHECK(t.dim() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1, "hydra_fast.", op, ": ", name,
+              " must have a contiguous last dim (stride 1), got stride ", t.stride(-1));
+}
+
+}  // namespace checks_detail
+
+// q [B, Hq, N, D], k_cache/v_cache [B, Hkv, S, D], cache_lens int32 [B], tree_mask bool [N, N].
+inline void check_tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                 const at::Tensor& cache_lens, const at::Tensor& tree_mask, double scale) {
+  namespace c = checks_detail;
+  const char* op = "tree_attention";
+  c::same_device(op, "k_cache", k_cache, "q", q);
+  c::same_device(op, "v_cache", v_cache, "q", q);
+  c::same_device(op, "cache_lens", cache_lens, "q", q);
+  c::same_device(op, "tree_mask", tree_mask, "q", q);
+  c::dims(op, "q", q, 4, "[B, Hq, N, D]");
+  c::dims(op, "k_cache", k_cache, 4, "[B, Hkv, S, D]");
+  c::dims(op, "v_cache", v_cache, 4, "[B, Hkv, S, D]");
+  c::dims(op, "cache_lens", cache_lens, 1, "[B]");
+  c::dims(op, "tree_mask", tree_mask, 2, "[N, N]");
+  c::float_dtype(op, "q", q);
+  c::same_dtype(op, "k_cache", k_cache, "q", q);
+  c::same_dtype(op, "v_cache", v_cache, "q", q);
+  c::dtype(op, "cache_lens", cache_lens, at::kInt);
+  c::dtype(op, "tree_mask", tree_mask, at::kBool);
+  const int64_t B = q.size(0), Hq = q.size(1), N = q.size(2), D = q.size(3);
+  const int64_t Hkv = k_cache.size(1), S = k_cache.size(2);
+  c::size(op, "k_cache", k_cache, 0, B, "B from q");
+  c::size(op, "k_cache", k_cache, 3, D, "D from q");
+  for (int64_t d = 0; d < 4; ++d) c::size(op, "v_cache", v_cache, d, k_cache.size(d), "the size of k_cache");
+  c::size(op, "cache_lens", cache_lens, 0, B, "B from q");
+  c::size(op, "tree_mask", tree_mask, 0, N, "N from q");
+  c::size(op, "tree_mask", tree_mask, 1, N, "N from q");
+  TORCH_CHECK(Hkv >= 1 && Hq % Hkv == 0, "hydra_fast.", op, ": GQA ratio: q heads Hq (", Hq,
+              ") must be a positive multiple of k_cache heads Hkv (", Hkv, ")");
+  TORCH_CHECK(D >= 1 && D <= 256, "hydra_fast.", op, ": head dim D must be in [1, 256], got ", D);
+  TORCH_CHECK(N <= S, "hydra_fast.", op, ": tree size N (", N, ") must be <= cache capacity S (", S, ")");
+  c::last_dim_contiguous(op, "q", q);
+  c::last_dim_contiguous(op, "k_cache", k_cache);
+  c::last_dim_contiguous(op, "v_cache", v_cache);
+  (void)scale;
+}
+
+// hidden [R, d], path_tokens int64 [R, k], embed [V, d], weights[0] [d, (k+1)d], weights[i>0] [d, d],
+// biases[i] [d], res_weight [d, (k+1)d] (required iff k > 0), res_bias [d] (only with res_weight).
+inline void check_draft_head_mlp(const at::Tensor& hidden, const at::Tensor& path_tokens, const at::Tensor& embed,
+                                 at::TensorList weights, at::TensorList biases,
+                                 const std::optional<at::Tensor>& res_weight,
+                                 const std::optional<at::Tensor>& res_bias) {
+  namespace c = checks_detail;
+  const char* op = "draft_head_mlp";
+  c::same_device(op, "path_tokens", path_tokens, "hidden", hidden);
+  c::same_device(op, "embed", embed, "hidden", hidden);
+  c::dims(op, "hidden", hidden, 2, "[R, d]");
+  c::dims(op, "path_tokens", path_tokens, 2, "[R, k]");
+  c::dims(op, "embed", embed, 2, "[V, d]");
+  c::float_dtype(op, "hidden", hidden);
+  c::dtype(op, "path_tokens", path_tokens, at::kLong);
+  c::same_dtype(op, "embed", embed, "hidden", hidden);
+  const int64_t R = hidden.size(0), d = hidden.size(1), k = path_tokens.size(1);
+  c::size(op, "path_tokens", path_tokens, 0, R, "R from hidden");
+  c::size(op, "embed", embed, 1, d, "d from hidden");
+  TORCH_CHECK(k == 0 || embed.size(0) >= 1, "hydra_fast.", op, ": embed must have at least one row when k > 0");
+  TORCH_CHECK(weights.size() >= 1, "hydra_fast.", op, ": weights must hold at least one matrix, got 0");
+  TORCH_CHECK(weights.size() == biases.size(), "hydra_fast.", op, ": weights and biases must have equal lengths, got ",
+              weights.size(), " weights and ", biases.size(), " biases");
+  const int64_t in0 = (k + 1) * d;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const std::string w = "weights[" + std::to_string(i) + "]";
+    const std::string b = "biases[" + std::to_string(i) + "]";
+    c::same_device(op, w, weights[i], "hidden", hidden);
+    c::same_device(op, b, biases[i], "hidden", hidden);
+    c::same_dtype(op, w, weights[i], "hidden", hidden);
+    c::same_dtype(op, b, biases[i], "hidden", hidden);
+    c::dims(op, w, weights[i], 2, i == 0 ? "[d, (k+1)d]" : "[d, d]");
+    c::dims(op, b, biases[i], 1, "[d]");
+    c::size(op, w, weights[i], 0, d, "d from hidden");
+    c::size(op, w, weights[i], 1, i == 0 ? in0 : d, i == 0 ? "in-features (k+1)*d" : "d from hidden");
+    c::size(op, b, biases[i], 0, d, "d from hidden");
+  }
+  TORCH_CHECK(in0 == d || res_weight.has_value(), "hydra_fast.", op,
+              ": res_weight is required when weights[0] in-features (k+1)*d = ", in0, " != d = ", d, " (k = ", k,
+              ")");
+  TORCH_CHECK(!res_bias.has_value() || res_weight.has_value(), "hydra_fast.", op,
+              ": res_bias was given without res_weight");
+  if (res_weight.has_value()) {
+    const at::Tensor& rw = *res_weight;
+    c::same_device(op, "res_weight", rw, "hidden", hidden);
+    c::same_dtype(op, "res_weight", rw, "hidden", hidden);
+    c::dims(op, "res_weight", rw, 2, "[d, (k+1)d]");
+    c::size(op, "res_weight", rw, 0, d, "d from hidden");
+    c::size(op, "res_weight", rw, 1, in0, "in-features (k+1)*d");
+  }
+  if (res_bias.has_value()) {
+    const at::Tensor& rb = *res_bias;
+    c::same_device(op, "res_bias", rb, "hidden", hidden);
+    c::same_dtype(op, "res_bias", rb, "hidden", hidden);
+    c::dims(op, "res_bias", rb, 1, "[d]");
+    c::size(op, "res_bias", rb, 0, d, "d from hidden");
+  }
+  c::last_dim_contiguous(op, "embed", embed);
+}
+
+// logits [B, N, V], candidates int64 [B, N], paths int64 [P, L]. `op` is "accept_greedy" or "accept_typical".
+inline void check_accept(const char* op, const at::Tensor& logits, const at::Tensor& candidates,
+                         const at::Tensor& paths) {
+  namespace c = checks_detail;
+  c::same_device(op, "candidates", candidates, "logits", logits);
+  c::same_device(op, "paths", paths, "logits", logits);
+  c::dims(op, "logits", logits, 3, "[B, N, V]");
+  c::dims(op, "candidates", candidates, 2, "[B, N]");
+  c::dims(op, "paths", paths, 2, "[P, L]");
+  c::float_dtype(op, "logits", logits);
+  c::dtype(op, "candidates", candidates, at::kLong);
+  c::dtype(op, "paths", paths, at::kLong);
+  c::size(op, "candidates", candidates, 0, logits.size(0), "B from logits");
+  c::size(op, "candidates", candidates, 1, logits.size(1), "N from logits");
+  TORCH_CHECK(logits.size(1) >= 1, "hydra_fast.", op, ": logits must have at least one node (N >= 1), got N = 0");
+  TORCH_CHECK(logits.size(2) >= 1, "hydra_fast.", op, ": logits must have a vocabulary (V >= 1), got V = 0");
+  TORCH_CHECK(paths.size(0) >= 1 && paths.size(1) >= 1, "hydra_fast.", op,
+              ": paths must hold at least one path of length >= 1, got [", paths.size(0), ", ", paths.size(1), "]");
+  c::last_dim_contiguous(op, "logits", logits);
+}
+
+// uniform float32 [B]; temperature, posterior_threshold and posterior_alpha all > 0.
+inline void check_accept_typical_extra(const at::Tensor& logits, const at::Tensor& uniform, double temperature,
+                                       double posterior_threshold, double posterior_alpha) {
+  namespace c = checks_detail;
+  const char* op = "accept_typical";
+  c::same_device(op, "uniform", uniform, "logits", logits);
+  c::dims(op, "uniform", uniform, 1, "[B]");
+  c::dtype(op, "uniform", uniform, at::kFloat);
+  c::size(op, "uniform", uniform, 0, logits.size(0), "B from logits");
+  TORCH_CHECK(temperature > 0, "hydra_fast.", op, ": temperature must be > 0, got ", temperature);
+  TORCH_CHECK(posterior_threshold > 0, "hydra_fast.", op, ": posterior_threshold must be > 0, got ",
+              posterior_threshold);
+  TORCH_CHECK(posterior_alpha > 0, "hydra_fast.", op, ": posterior_alpha must be > 0, got ", posterior_alpha);
+}
+
+// k_cache/v_cache [L, B, Hkv, S, D] (same shape and dtype), cache_lens int32 [B], accepted_nodes int64 [B, Lp].
+inline void check_kv_compact(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& cache_lens,
+                             const at::Tensor& accepted_nodes) {
+  namespace c = checks_detail;
+  const char* op = "kv_compact";
+  c::same_device(op, "v_cache", v_cache, "k_cache", k_cache);
+  c::same_device(op, "cache_lens", cache_lens, "k_cache", k_cache);
+  c::same_device(op, "accepted_nodes", accepted_nodes, "k_cache", k_cache);
+  c::dims(op, "k_cache", k_cache, 5, "[L, B, Hkv, S, D]");
+  c::dims(op, "v_cache", v_cache, 5, "[L, B, Hkv, S, D]");
+  c::dims(op, "cache_lens", cache_lens, 1, "[B]");
+  c::dims(op, "accepted_nodes", accepted_nodes, 2, "[B, Lp]");
+  c::float_dtype(op, "k_cache", k_cache);
+  c::same_dtype(op, "v_cache", v_cache, "k_cache", k_cache);
+  c::dtype(op, "cache_lens", cache_lens, at::kInt);
+  c::dtype(op, "accepted_nodes", accepted_nodes, at::kLong);
+  for (int64_t d = 0; d < 5; ++d) c::size(op, "v_cache", v_cache, d, k_cache.size(d), "the size of k_cache");
+  const int64_t B = k_cache.size(1), S = k_cache.size(3), D = k_cache.size(4);
+  c::size(op, "cache_lens", cache_lens, 0, B, "B from k_cache");
+  c::size(op, "accepted_nodes", accepted_nodes, 0, B, "B from k_cache");
+  TORCH_CHECK(D <= 256, "hydra_fast.", op, ": head dim D must be <= 256, got ", D);
+  TORCH_CHECK(accepted_nodes.size(1) <= S, "hydra_fast.", op, ": accepted_nodes length Lp (", accepted_nodes.size(1),
+              ") must be <= cache capacity S (", S, ")");
+  TORCH_CHECK(S >= 1, "hydra_fast.", op, ": cache capacity S must be >= 1, got 0");
+  c::last_dim_contiguous(op, "k_cache", k_cache);
+  c::last_dim_contiguous(op, "v_cache", v_cache);
+}
+
+}  // namespace hydra_fast
