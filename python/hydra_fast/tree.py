@@ -1,0 +1,188 @@
+"""Static draft trees: Medusa-style tree choices and the index buffers the draft and verify steps read.
+
+A tree is given by its non-root nodes, each a tuple of child ranks from the root: ``(0,)`` is the root's
+top-1 child, ``(0, 2)`` the third-best child of that node. Node 0 is the root (the base model's own next
+token); the other nodes follow sorted by (depth, ranks), so a parent's index is always below its children's
+and the nodes of one depth are contiguous. All buffers are built once per tree (``Tree.buffers``) and have
+shapes fixed by the tree, so a decoding step that reads them can be compiled and captured as a CUDA graph.
+"""
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+import torch
+
+Node = tuple[int, ...]
+Choices = Union[str, Sequence[Sequence[int]]]
+
+
+def chain(n: int) -> tuple[Node, ...]:
+    """A single path of n top-1 guesses: (0,), (0, 0), ... (the tree of plain n-token drafting)."""
+    if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 0:
+        raise ValueError(f"chain length must be a non-negative int, got {n!r}")
+    return tuple((0,) * i for i in range(1, int(n) + 1))
+
+
+MC_SIM_7B_63: tuple[Node, ...] = tuple(tuple(c) for c in [
+    [0], [0, 0], [1], [0, 1], [2], [0, 0, 0], [1, 0], [0, 2], [3], [0, 3], [4], [0, 4], [2, 0], [0, 5],
+    [0, 0, 1], [5], [0, 6], [6], [0, 7], [0, 1, 0], [1, 1], [7], [0, 8], [0, 0, 2], [3, 0], [0, 9], [8], [9],
+    [1, 0, 0], [0, 2, 0], [1, 2], [0, 0, 3], [4, 0], [2, 1], [0, 0, 4], [0, 0, 5], [0, 0, 0, 0], [0, 1, 1],
+    [0, 0, 6], [0, 3, 0], [5, 0], [1, 3], [0, 0, 7], [0, 0, 8], [0, 0, 9], [6, 0], [0, 4, 0], [1, 4], [7, 0],
+    [0, 1, 2], [2, 0, 0], [3, 1], [2, 2], [8, 0], [0, 5, 0], [1, 5], [1, 0, 1], [0, 2, 1], [9, 0], [0, 6, 0],
+    [0, 0, 0, 1], [1, 6], [0, 7, 0],
+])  # Medusa's released 63-node, depth-4 tree (medusa/model/medusa_choices.py), used by Hydra
+
+PRESETS: dict[str, tuple[Node, ...]] = {
+    "mc_sim_7b_63": MC_SIM_7B_63,
+    "chain4": chain(4),
+    "tiny": ((0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)),
+    "plain": (),
+}
+
+
+@dataclass(frozen=True)
+class Level:
+    """How depth ``depth`` is drafted from depth ``depth - 1``. Pd parents with children, Cd children."""
+
+    depth: int
+    topk: int  # max child rank + 1: how many guesses to take per parent
+    parent_nodes: torch.Tensor  # int64 [Pd] distinct depth-(d-1) nodes with children, ascending
+    parent_paths: torch.Tensor  # int64 [Pd, d] nodes root..parent of each parent (the head's path tokens)
+    child_nodes: torch.Tensor  # int64 [Cd] the depth-d nodes, ascending (a contiguous range)
+    child_slot: torch.Tensor  # int64 [Cd] index of each child's parent in parent_nodes
+    child_rank: torch.Tensor  # int64 [Cd] each child's rank among its parent's guesses
+
+
+@dataclass(frozen=True)
+class TreeBuffers:
+    """Device tensors of one tree. N nodes incl. the root, P leaves, L = max_depth + 1."""
+
+    num_nodes: int
+    max_depth: int
+    depth: torch.Tensor  # int64 [N]
+    parents: torch.Tensor  # int64 [N], -1 for the root
+    ranks: torch.Tensor  # int64 [N], -1 for the root
+    tree_mask: torch.Tensor  # bool [N, N], row i: ancestors of i and i itself
+    paths: torch.Tensor  # int64 [P, L] root-to-leaf node indices, -1 padded; [[0]] for the root-only tree
+    node_paths: torch.Tensor  # int64 [N, L] nodes root..i for each node i, -1 padded
+    levels: tuple[Level, ...]  # levels[d - 1] drafts depth d, d = 1 .. max_depth
+
+    @property
+    def num_paths(self) -> int:
+        return self.paths.shape[0]
+
+
+@dataclass(frozen=True)
+class Tree:
+    """A static draft tree. ``nodes[0] == ()`` is the root; nodes sorted by (depth, ranks)."""
+
+    nodes: tuple[Node, ...]
+
+    @classmethod
+    def from_choices(cls, choices: Choices) -> Tree:
+        """Build from a preset name (see PRESETS) or a list of rank tuples such as [[0], [0, 0], [1]]."""
+        if isinstance(choices, str):
+            if choices not in PRESETS:
+                raise ValueError(f"unknown tree preset {choices!r}; known presets: {', '.join(sorted(PRESETS))}")
+            choices = PRESETS[choices]
+        if isinstance(choices, Tree):
+            return choices
+        if not isinstance(choices, Sequence):
+            raise ValueError(f"tree choices must be a preset name or a list of rank lists, got {type(choices)}")
+        nodes = [_validate_node(i, c) for i, c in enumerate(choices)]
+        seen: set[Node] = set()
+        for i, node in enumerate(nodes):
+            if node in seen:
+                raise ValueError(f"tree choice #{i} {list(node)} appears more than once")
+            seen.add(node)
+        for i, node in enumerate(nodes):
+            if len(node) > 1 and node[:-1] not in seen:
+                raise ValueError(f"tree choice #{i} {list(node)} has no parent: add {list(node[:-1])} to the tree")
+        return cls(nodes=((),) + tuple(sorted(nodes, key=lambda n: (len(n), n))))
+
+    @classmethod
+    def plain(cls) -> Tree:
+        """The root-only tree: no drafts, plain autoregressive decoding."""
+        return cls(nodes=((),))
+
+    @property
+    def num_nodes(self) -> int:
+        return len(self.nodes)
+
+    @property
+    def max_depth(self) -> int:
+        return len(self.nodes[-1])
+
+    @property
+    def parents(self) -> tuple[int, ...]:
+        index = {n: i for i, n in enumerate(self.nodes)}
+        return (-1,) + tuple(index[n[:-1]] for n in self.nodes[1:])
+
+    def ancestors(self, i: int) -> list[int]:
+        """Node indices root..i."""
+        parents = self.parents
+        out = [i]
+        while parents[out[-1]] >= 0:
+            out.append(parents[out[-1]])
+        return out[::-1]
+
+    def buffers(self, device: torch.device | str = "cpu") -> TreeBuffers:
+        N, D = self.num_nodes, self.max_depth
+        L = D + 1
+        parents = self.parents
+        has_child = set(parents[1:])
+        node_paths = [self.ancestors(i) for i in range(N)]
+        leaves = [i for i in range(N) if i not in has_child]
+        mask = [[False] * N for _ in range(N)]
+        for i, path in enumerate(node_paths):
+            for j in path:
+                mask[i][j] = True
+
+        def padded(rows: list[list[int]]) -> torch.Tensor:
+            return torch.tensor([r + [-1] * (L - len(r)) for r in rows], dtype=torch.long, device=device)
+
+        def longs(values) -> torch.Tensor:
+            return torch.tensor(list(values), dtype=torch.long, device=device)
+
+        levels = []
+        for d in range(1, D + 1):
+            children = [i for i in range(N) if len(self.nodes[i]) == d]
+            parent_nodes = sorted({parents[c] for c in children})
+            slot = {p: s for s, p in enumerate(parent_nodes)}
+            ranks = [self.nodes[c][-1] for c in children]
+            levels.append(Level(
+                depth=d,
+                topk=max(ranks) + 1,
+                parent_nodes=longs(parent_nodes),
+                parent_paths=torch.tensor([node_paths[p] for p in parent_nodes], dtype=torch.long,
+                                          device=device).view(len(parent_nodes), d),  # [Pd, d]
+                child_nodes=longs(children),
+                child_slot=longs(slot[parents[c]] for c in children),
+                child_rank=longs(ranks),
+            ))
+        return TreeBuffers(
+            num_nodes=N,
+            max_depth=D,
+            depth=longs(len(n) for n in self.nodes),
+            parents=longs(parents),
+            ranks=longs([-1] + [n[-1] for n in self.nodes[1:]]),
+            tree_mask=torch.tensor(mask, dtype=torch.bool, device=device),  # [N, N]
+            paths=padded([node_paths[i] for i in leaves]),  # [P, L]
+            node_paths=padded(node_paths),  # [N, L]
+            levels=tuple(levels),
+        )
+
+
+def _validate_node(i: int, choice) -> Node:
+    if isinstance(choice, (str, bytes)) or not isinstance(choice, Sequence):
+        raise ValueError(f"tree choice #{i} {choice!r} must be a list of child ranks such as [0, 1]")
+    if len(choice) == 0:
+        raise ValueError(f"tree choice #{i} is empty: the root is implicit, list only non-root nodes")
+    for r in choice:
+        if isinstance(r, bool) or not isinstance(r, numbers.Integral):
+            raise ValueError(f"tree choice #{i} {list(choice)!r}: rank {r!r} is not an int")
+        if r < 0:
+            raise ValueError(f"tree choice #{i} {list(choice)!r}: rank {r} is negative")
+    return tuple(int(r) for r in choice)
