@@ -1,0 +1,194 @@
+"""The speculative step on a stock HF model: draft -> verify -> accept -> compact, with static buffers.
+
+Everything the step touches is allocated once (``SpeculativeEngine.__init__``); the step itself reads no
+value back to the host, so on CUDA it is captured once and replayed as one CUDA graph. ``prefill`` runs
+the prompt and leaves the state (cache lengths, the next root token, the heads' input hidden state) in
+those buffers; each ``step`` advances it and writes the step's result into ``self.result``:
+``[B, 1 + L]`` = accepted draft count a, then the a + 1 emitted tokens (-1 padded).
+A plain-decoding engine (no heads, a root-only tree) runs the same code: the baseline and the fallback.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hydra_fast import ops
+from hydra_fast.attention import TreeAttention, use_tree_attention
+from hydra_fast.cache import TreeKVCache
+from hydra_fast.compat import cache_kwarg
+from hydra_fast.tree import Tree
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Greedy when ``do_sample`` is False; else typical acceptance at ``temperature``."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    posterior_threshold: float = 0.09
+    posterior_alpha: float = 0.3
+
+
+class SpeculativeEngine:
+    def __init__(self, base, heads, tree: Tree, batch_size: int, capacity: int,
+                 sampling: SamplingConfig = SamplingConfig(), use_kernels: bool = True):
+        self.base = base
+        self.heads = heads
+        self.tree = tree
+        self.sampling = sampling
+        cfg = base.config
+        device = base.get_output_embeddings().weight.device
+        dtype = base.get_output_embeddings().weight.dtype
+        self.device, self.dtype = device, dtype
+        self.impl = ops.implementation(device, prefer_kernels=use_kernels)
+        self.backbone = getattr(base, base.base_model_prefix)
+        self.lm_head = base.get_output_embeddings()
+        self.embed_weight = base.get_input_embeddings().weight
+        self.bufs = tree.buffers(device)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.batch_size, self.capacity = batch_size, capacity
+        self.cache = TreeKVCache(cfg.num_hidden_layers, batch_size, kv_heads, head_dim, capacity, dtype, device)
+        self.prefix_cache = None
+        if heads is not None and heads.prefix_layer is not None:
+            self.prefix_cache = TreeKVCache(1, batch_size, kv_heads, head_dim, capacity, dtype, device,
+                                            lens=self.cache.lens)
+        B, L = batch_size, self.bufs.paths.shape[1]
+        self.root = torch.zeros(B, dtype=torch.long, device=device)  # next token to verify (tree node 0)
+        self.hidden = torch.zeros(B, cfg.hidden_size, dtype=dtype, device=device)  # heads' input
+        self.result = torch.full((B, 1 + L), -1, dtype=torch.long, device=device)
+        self.causal_masks: dict[int, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ pieces
+    @property
+    def tokens_per_step_max(self) -> int:
+        return self.bufs.paths.shape[1]
+
+    def _causal(self, n: int) -> torch.Tensor:
+        if n not in self.causal_masks:
+            self.causal_masks[n] = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()
+        return self.causal_masks[n]
+
+    def _forward(self, input_ids, position_ids, mask) -> torch.Tensor:
+        """Backbone over N new tokens per sequence written after ``lens``. -> last hidden [B, N, d]."""
+        ctx = TreeAttention(self.cache.lens, mask, self.impl)
+        with use_tree_attention(self.base):
+            out = self.backbone(input_ids=input_ids, position_ids=position_ids, use_cache=True,
+                                **{cache_kwarg(): self.cache}, hydra_tree=ctx)
+        return out.last_hidden_state
+
+    def _prefix(self, hidden, position_ids) -> torch.Tensor:
+        """Hydra++ prefix layer over base hidden states [B, T, d] (causal, own KV cache) -> [B, T, d]."""
+        T = hidden.shape[1]
+        ctx = TreeAttention(self.cache.lens, self._causal(T), self.impl)
+        pos_emb = self.backbone.rotary_emb(hidden, position_ids)
+        with use_tree_attention(self.base):
+            out = self.heads.prefix_layer(hidden, attention_mask=None, position_ids=position_ids, use_cache=True,
+                                          position_embeddings=pos_emb, hydra_tree=ctx,
+                                          **{cache_kwarg(): self.prefix_cache})
+        return out[0] if isinstance(out, tuple) else out
+
+    def _draft(self) -> torch.Tensor:
+        if self.heads is None:
+            return self.root.view(-1, 1)  # [B, 1]
+        return self.heads.draft(self.hidden, self.root, self.bufs, self.embed_weight, self.lm_head, self.impl)
+
+    def _accept(self, logits, candidates):
+        s = self.sampling
+        if not s.do_sample:
+            return self.impl.accept_greedy(logits, candidates, self.bufs.paths)
+        uniform = torch.rand(logits.shape[0], device=logits.device, dtype=torch.float32)
+        return self.impl.accept_typical(logits, candidates, self.bufs.paths, uniform, s.temperature,
+                                        s.posterior_threshold, s.posterior_alpha)
+
+    def _heads_input(self, hidden_seq, nodes, accept_len, position_ids) -> torch.Tensor:
+        """The heads' next input: the base hidden state at the last accepted node, or for Hydra++ the
+        prefix layer's output there after it has read every accepted node. nodes [B, L], accept_len [B]."""
+        B, _, d = hidden_seq.shape
+        at = accept_len.view(B, 1, 1).expand(B, 1, d)
+        if self.prefix_cache is None:
+            last = nodes.gather(1, accept_len.view(B, 1))  # [B, 1] tree index of the last accepted node
+            return hidden_seq.gather(1, last.view(B, 1, 1).expand(B, 1, d)).view(B, d)
+        seq = hidden_seq.gather(1, nodes.clamp(min=0).unsqueeze(-1).expand(-1, -1, d))  # [B, L, d]
+        out = self._prefix(seq, position_ids)  # [B, L, d]; slots past accept_len are never read
+        return out.gather(1, at).view(B, d)
+
+    # ------------------------------------------------------------------ prefill and step
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Right-padded prompts [B, T] with true ``lengths`` [B] (host ints). Resets the state.
+
+        Returns the first generated token of each sequence [B] (also stored as the next root)."""
+        B, T = input_ids.shape
+        self.cache.reset()
+        pos = torch.arange(T, device=self.device).view(1, T).expand(B, T)
+        hidden = self._forward(input_ids, pos, self._causal(T))  # [B, T, d]
+        last = (lengths.to(self.device) - 1).to(torch.long)  # [B]
+        d = hidden.shape[-1]
+        h_last = hidden.gather(1, last.view(B, 1, 1).expand(B, 1, d)).view(B, d)
+        logits = self.lm_head(h_last).float()  # [B, V]
+        if self.sampling.do_sample:
+            probs = torch.softmax(logits / self.sampling.temperature, dim=-1)
+            first = torch.multinomial(probs, 1).view(B)
+        else:
+            first = logits.argmax(-1)
+        if self.prefix_cache is not None:
+            out = self._prefix(hidden, pos)  # the prefix layer reads the whole prompt
+            h_last = out.gather(1, last.view(B, 1, 1).expand(B, 1, d)).view(B, d)
+        self.cache.lens.copy_(lengths.to(device=self.device, dtype=torch.int32))
+        self.root.copy_(first)
+        self.hidden.copy_(h_last)
+        return first
+
+    @torch.no_grad()
+    def step(self) -> torch.Tensor:
+        """One speculative step from the current state; fills and returns ``self.result`` [B, 1 + L]."""
+        bufs = self.bufs
+        lens = self.cache.lens
+        B = lens.shape[0]
+        candidates = self._draft()  # [B, N]
+        pos = lens.to(torch.long).view(B, 1) + bufs.depth.view(1, -1)  # [B, N]
+        hidden = self._forward(candidates, pos, bufs.tree_mask)  # [B, N, d]
+        logits = self.lm_head(hidden)  # [B, N, V]
+        accept_len, out_tokens, nodes = self._accept(logits, candidates)
+        self.impl.kv_compact(self.cache.k, self.cache.v, lens, nodes)
+        L = nodes.shape[1]
+        prefix_pos = lens.to(torch.long).view(B, 1) + torch.arange(L, device=self.device).view(1, L)
+        self.hidden.copy_(self._heads_input(hidden, nodes, accept_len, prefix_pos))
+        self.root.copy_(out_tokens.gather(1, accept_len.view(B, 1)).view(B))
+        lens.add_((accept_len + 1).to(torch.int32))
+        self.result[:, 0].copy_(accept_len)
+        self.result[:, 1:].copy_(out_tokens)
+        return self.result
+
+
+class StepRunner:
+    """Runs ``engine.step``: eagerly, or on CUDA captured once as a CUDA graph and replayed."""
+
+    def __init__(self, engine: SpeculativeEngine, cuda_graph: bool = True):
+        self.engine = engine
+        self.graph = None
+        if cuda_graph and engine.device.type == "cuda":
+            self.graph = self._capture()
+
+    def _capture(self):
+        engine = self.engine
+        engine.cache.reset()
+        side = torch.cuda.Stream(device=engine.device)
+        side.wait_stream(torch.cuda.current_stream(engine.device))
+        with torch.cuda.stream(side):  # warm-up: lazy initialisation must not happen during capture
+            for _ in range(2):
+                engine.step()
+        torch.cuda.current_stream(engine.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            engine.step()
+        engine.cache.reset()  # the warm-up's tokens are garbage; prefill starts from an empty cache
+        return graph
+
+    def __call__(self) -> torch.Tensor:
+        if self.graph is None:
+            return self.engine.step()
+        self.graph.replay()
+        return self.engine.result
