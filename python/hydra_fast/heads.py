@@ -1,0 +1,401 @@
+"""Draft heads (Medusa, Hydra, Hydra++) for a stock HF causal LM, and their checkpoints.
+
+A head reads the base model's last hidden state h (the one the base LM head reads) and, for Hydra, the input
+embeddings of the tokens on its tree path; it outputs a state that an LM head (the base's frozen one, or its
+own) turns into logits. Head i drafts tree depth i + 1. The kinds differ only in the table ``KINDS``:
+Medusa heads see no path tokens, Hydra head i sees i + 1 (the root token, i.e. the base model's next token,
+plus the i tokens drafted before it), Hydra++ adds a prefix layer (one decoder layer of the base
+architecture over the base hidden states, whose output feeds the heads) and 4-layer heads.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hydra_fast import reference
+from hydra_fast.tree import TreeBuffers
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+FORMAT = "hydra_fast.heads/1"
+
+
+class HeadsMismatchError(ValueError):
+    """Heads trained for one base model were given another."""
+
+
+class HeadsCheckpointError(ValueError):
+    """A heads checkpoint file is missing, unreadable or inconsistent."""
+
+
+@dataclass(frozen=True)
+class HeadKind:
+    path_tokens: bool  # head i reads the i + 1 tokens root..its parent (Hydra) or none (Medusa)
+    prefix_layer: bool  # one decoder layer of the base over its hidden states feeds the heads (Hydra++)
+    default_layers: int  # MLP blocks per head
+
+
+KINDS: dict[str, HeadKind] = {
+    "medusa": HeadKind(path_tokens=False, prefix_layer=False, default_layers=1),
+    "hydra": HeadKind(path_tokens=True, prefix_layer=False, default_layers=1),
+    "hydra++": HeadKind(path_tokens=True, prefix_layer=True, default_layers=4),
+}
+
+
+@dataclass(frozen=True)
+class BaseFingerprint:
+    """What identifies the base model heads were trained for."""
+
+    architecture: str
+    model_type: str
+    hidden_size: int
+    vocab_size: int
+    lm_head_digest: str  # sha256 of ~64 evenly spaced LM-head rows, rounded to bf16 (fp32 and bf16 copies agree)
+
+    def describe(self) -> str:
+        return (f"{self.architecture} ({self.model_type}) hidden {self.hidden_size} vocab {self.vocab_size} "
+                f"(lm head digest {self.lm_head_digest[:12]}..)")
+
+
+def fingerprint(base_model: nn.Module) -> BaseFingerprint:
+    config = base_model.config
+    weight = base_model.get_output_embeddings().weight.detach()  # [V, d]
+    V = weight.shape[0]
+    rows = torch.linspace(0, V - 1, steps=min(64, V)).round().long().unique()  # [<=64]
+    sample = weight[rows.to(weight.device)].to(torch.bfloat16).to(torch.float32).cpu().contiguous()
+    digest = hashlib.sha256(repr(tuple(weight.shape)).encode())
+    digest.update(sample.numpy().tobytes())
+    return BaseFingerprint(
+        architecture=(config.architectures or [type(base_model).__name__])[0],
+        model_type=config.model_type,
+        hidden_size=int(config.get_text_config().hidden_size),
+        vocab_size=int(V),
+        lm_head_digest=digest.hexdigest(),
+    )
+
+
+@dataclass(frozen=True)
+class HeadsConfig:
+    kind: str  # a key of KINDS
+    hidden_size: int
+    vocab_size: int
+    base: BaseFingerprint
+    num_heads: int = 4
+    num_layers: int | None = None  # None: the kind's default (1; 4 for hydra++)
+    own_lm_head: bool = False  # False: share the base's frozen LM head
+    base_config: dict = field(default_factory=dict, hash=False)  # base config.to_dict(): builds the prefix layer
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown heads kind {self.kind!r}; known kinds: {', '.join(KINDS)}")
+        if self.num_layers is None:
+            object.__setattr__(self, "num_layers", KINDS[self.kind].default_layers)
+        if self.num_heads < 1 or self.num_layers < 1:
+            raise ValueError(f"need num_heads >= 1 and num_layers >= 1, got {self.num_heads}, {self.num_layers}")
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> HeadsConfig:
+        d = dict(d)
+        if d.pop("format", None) != FORMAT:
+            raise ValueError(f"not a hydra_fast heads config (expected \"format\": \"{FORMAT}\"); a base model's "
+                             "config.json? pass the heads directory")
+        return cls(**{**d, "base": BaseFingerprint(**d["base"])})
+
+
+def check_compatible(heads: DraftHeads, base_model: nn.Module, source: str = "these heads") -> None:
+    """Raise HeadsMismatchError, naming the differing fields, unless heads were trained for base_model."""
+    want, have = heads.config.base, fingerprint(base_model)
+    diff = [f.name for f in dataclasses.fields(BaseFingerprint) if getattr(want, f.name) != getattr(have, f.name)]
+    if diff:
+        raise HeadsMismatchError(
+            f"{source} were trained for {want.describe()}, but this model is {have.describe()} "
+            f"({', '.join(diff)} differ); train heads for this model with DraftHeads.from_base(model, kind) and "
+            f"DraftHeads.forward_train, or load heads trained for {have.architecture}")
+
+
+class DraftHead(nn.Module):
+    """One head: blocks x <- res(x) + silu(W x + b) over x = [h, emb(path tokens)], k path tokens."""
+
+    def __init__(self, hidden_size: int, vocab_size: int, path_len: int, num_layers: int, own_lm_head: bool):
+        super().__init__()
+        d, fan_in = hidden_size, (path_len + 1) * hidden_size
+        self.path_len = path_len
+        self.blocks = nn.ModuleList(nn.Linear(fan_in if i == 0 else d, d) for i in range(num_layers))
+        self.res = nn.Linear(fan_in, d) if path_len > 0 else None
+        self.lm_head = nn.Linear(d, vocab_size, bias=False) if own_lm_head else None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Untrained head = identity on h: silu(0 x + 0) = 0 adds nothing and res = [I | 0] passes h on."""
+        for block in self.blocks:
+            block.weight.zero_()
+            block.bias.zero_()
+        if self.res is not None:
+            d = self.res.out_features
+            self.res.weight.zero_()
+            self.res.weight[:, :d].copy_(torch.eye(d))
+            self.res.bias.zero_()
+
+    def forward(self, hidden, path_tokens, embed_weight, impl) -> torch.Tensor:
+        """hidden [R, d], path_tokens int64 [R, k], embed_weight [V, d] -> [R, d]."""
+        res_w = self.res.weight if self.res is not None else None
+        res_b = self.res.bias if self.res is not None else None
+        return impl.draft_head_mlp(hidden, path_tokens, embed_weight, [b.weight for b in self.blocks],
+                                   [b.bias for b in self.blocks], res_w, res_b)
+
+
+class DraftHeads(nn.Module):
+    """All heads of one model, plus the Hydra++ prefix layer (None for the other kinds).
+
+    ``base_config``: the live base model's transformers config. The prefix layer is built with it, so
+    switching the base's attention implementation also switches the prefix layer's; without it the layer is
+    built from ``config.base_config`` with SDPA attention.
+    """
+
+    def __init__(self, config: HeadsConfig, base_config=None):
+        super().__init__()
+        self.config = config
+        kind = KINDS[config.kind]
+        self.heads = nn.ModuleList(
+            DraftHead(config.hidden_size, config.vocab_size, i + 1 if kind.path_tokens else 0, config.num_layers,
+                      config.own_lm_head)
+            for i in range(config.num_heads))
+        self.prefix_layer = None
+        if kind.prefix_layer:
+            if base_config is None:
+                base_config = _config_from_dict(config.base_config)
+            self.prefix_layer = _decoder_layer_class(base_config)(base_config, layer_idx=0)
+
+    @classmethod
+    def from_base(cls, base_model: nn.Module, kind: str, num_heads: int = 4, num_layers: int | None = None,
+                  own_lm_head: bool = False) -> DraftHeads:
+        """Untrained heads on the base's device and dtype: each reproduces the base LM head's prediction.
+
+        The Hydra++ prefix layer starts as a copy of the base's last decoder layer."""
+        lm_head = base_model.get_output_embeddings()
+        fp = fingerprint(base_model)
+        config = HeadsConfig(kind=kind, hidden_size=fp.hidden_size, vocab_size=fp.vocab_size, base=fp,
+                             num_heads=num_heads, num_layers=num_layers, own_lm_head=own_lm_head,
+                             base_config=json.loads(base_model.config.to_json_string(use_diff=False)),
+                             dtype=_dtype_name(lm_head.weight.dtype))
+        heads = cls(config, base_model.config)
+        with torch.no_grad():
+            for head in heads.heads:
+                if head.lm_head is not None:
+                    head.lm_head.weight.copy_(lm_head.weight)
+            if heads.prefix_layer is not None:
+                heads.prefix_layer.load_state_dict(_decoder_layers(base_model)[-1].state_dict())
+        return heads.to(device=lm_head.weight.device, dtype=lm_head.weight.dtype)
+
+    def logits(self, i: int, x: torch.Tensor, base_lm_head) -> torch.Tensor:
+        """Head i's output state x [R, d] -> logits [R, V], through its own LM head or the base's."""
+        lm_head = self.heads[i].lm_head
+        return lm_head(x) if lm_head is not None else base_lm_head(x)
+
+    def draft(self, hidden, root, bufs: TreeBuffers, embed_weight, base_lm_head, impl) -> torch.Tensor:
+        """Candidate tokens of every tree node. hidden [B, d] (Hydra++: the prefix layer's output), root
+        int64 [B] (the base model's next token), embed_weight [V, d]. -> int64 [B, N], column 0 = root.
+
+        Static shapes, no host reads: runs under torch.compile(fullgraph=True) and CUDA-graph capture."""
+        if bufs.max_depth > len(self.heads):
+            raise ValueError(f"the tree is {bufs.max_depth} deep but there are only {len(self.heads)} heads")
+        B, dm = hidden.shape
+        candidates = root.new_zeros(B, bufs.num_nodes)  # [B, N]
+        candidates[:, 0] = root
+        for level in bufs.levels:
+            i = level.depth - 1
+            head = self.heads[i]
+            if head.path_len == 0:
+                # one guess list per sequence, shared by all parents of the level
+                x = head(hidden, root.new_zeros(B, 0), embed_weight, impl)  # [B, d]
+                ids = torch.topk(self.logits(i, x, base_lm_head), level.topk, dim=-1).indices  # [B, topk]
+                child = ids[:, level.child_rank]  # [B, Cd]
+            else:
+                Pd = level.parent_nodes.shape[0]
+                path = candidates[:, level.parent_paths].reshape(B * Pd, level.depth)  # [B*Pd, d] root..parent
+                h = hidden.unsqueeze(1).expand(B, Pd, dm).reshape(B * Pd, dm)  # [B*Pd, dm]
+                x = head(h, path, embed_weight, impl)  # [B*Pd, dm]
+                ids = torch.topk(self.logits(i, x, base_lm_head), level.topk, dim=-1).indices
+                ids = ids.view(B, Pd, level.topk)  # [B, Pd, topk]
+                child = ids[:, level.child_slot, level.child_rank]  # [B, Cd]
+            candidates[:, level.child_nodes] = child
+        return candidates
+
+    def forward_train(self, hidden, input_ids, base_lm_head, embed_weight, impl=None, position_embeddings=None,
+                      attention_mask=None) -> list[torch.Tensor]:
+        """Teacher-forced logits of every head over a sequence: list of [B, T, V], one per head.
+
+        hidden [B, T, d]: the base's last hidden states; input_ids int64 [B, T]. Head i at position t predicts
+        input_ids[t + i + 2] from hidden[t] and (Hydra) input_ids[t + 1 .. t + i + 1]; positions
+        t < T - i - 2 are valid (compare logits[i][:, :T - i - 2] with input_ids[:, i + 2:]), later ones
+        read padding. Hydra++ first runs the prefix layer, causally over the sequence: pass
+        position_embeddings = base.model.rotary_emb(hidden, position_ids) and optionally attention_mask
+        [B, T] (1 = real token); it uses the base config's attention implementation (eager or SDPA) with an
+        additive causal mask and ignores sliding windows. impl defaults to the differentiable reference ops.
+        """
+        impl = reference if impl is None else impl
+        B, T, d = hidden.shape
+        if self.prefix_layer is not None:
+            if position_embeddings is None:
+                raise ValueError("hydra++ heads need position_embeddings for the prefix layer: pass "
+                                 "base_model.model.rotary_emb(hidden, position_ids)")
+            hidden = self._prefix(hidden, position_embeddings, attention_mask)
+        x = hidden.reshape(B * T, d)  # [B*T, d]
+        out = []
+        for i, head in enumerate(self.heads):
+            k = head.path_len
+            if k == 0:
+                tokens = input_ids.new_zeros(B, T, 0)
+            else:
+                padded = F.pad(input_ids, (0, k))  # [B, T + k], token 0 past the end
+                tokens = padded[:, 1:].unfold(1, k, 1)  # [B, T, k]: input_ids[t + 1 .. t + k]
+            y = head(x, tokens.reshape(B * T, k), embed_weight, impl)  # [B*T, d]
+            out.append(self.logits(i, y, base_lm_head).view(B, T, -1))  # [B, T, V]
+        return out
+
+    def _prefix(self, hidden, position_embeddings, attention_mask) -> torch.Tensor:
+        B, T, _ = hidden.shape
+        allowed = torch.ones(T, T, dtype=torch.bool, device=hidden.device).tril().view(1, 1, T, T)
+        if attention_mask is not None:
+            allowed = allowed & attention_mask.to(torch.bool).view(B, 1, 1, T)  # [B, 1, T, T]
+        mask = torch.zeros(allowed.shape, dtype=hidden.dtype, device=hidden.device)
+        mask = mask.masked_fill(~allowed, torch.finfo(hidden.dtype).min)  # additive; no -inf, no NaN rows
+        out = self.prefix_layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,
+                                use_cache=False)
+        return out[0] if isinstance(out, tuple) else out
+
+    def save_pretrained(self, directory: str | os.PathLike, max_shard_size: int | str = "15MB") -> None:
+        """config.json + safetensors weights, sharded (with an index json) above max_shard_size."""
+        from huggingface_hub import split_torch_state_dict_into_shards
+        from safetensors.torch import save_file
+
+        os.makedirs(directory, exist_ok=True)
+        for name in os.listdir(directory):  # stale shards of an earlier save would shadow this one
+            if name.startswith("model") and (name.endswith(".safetensors") or name == INDEX_NAME):
+                os.remove(os.path.join(directory, name))
+        # own copies: safetensors refuses tensors that share storage (tied or viewed weights)
+        state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self.state_dict().items()}
+        split = split_torch_state_dict_into_shards(state, filename_pattern="model{suffix}.safetensors",
+                                                   max_shard_size=max_shard_size)
+        for filename, names in split.filename_to_tensors.items():
+            save_file({n: state[n] for n in names}, os.path.join(directory, filename), metadata={"format": "pt"})
+        if split.is_sharded:
+            with open(os.path.join(directory, INDEX_NAME), "w") as f:
+                json.dump({"metadata": split.metadata, "weight_map": split.tensor_to_filename}, f, indent=2)
+        dtype = _dtype_name(next(iter(state.values())).dtype) if state else self.config.dtype
+        with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+            json.dump(dataclasses.replace(self.config, dtype=dtype).to_dict(), f, indent=2)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, base_model: nn.Module, device=None,
+                        dtype=None) -> DraftHeads:
+        """Load heads saved by save_pretrained for base_model (checked by fingerprint: HeadsMismatchError).
+
+        device and dtype default to the base LM head's."""
+        directory = os.fspath(directory)
+        config_path = os.path.join(directory, CONFIG_NAME)
+        try:
+            with open(config_path) as f:
+                config = HeadsConfig.from_dict(json.load(f))
+        except FileNotFoundError:
+            raise HeadsCheckpointError(f"{config_path}: missing; is {directory} a heads directory "
+                                       "written by DraftHeads.save_pretrained?") from None
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise HeadsCheckpointError(f"{config_path}: unreadable heads config ({type(e).__name__}: {e})") from e
+        heads = cls(config, base_model.config)
+        check_compatible(heads, base_model, source=f"the heads in {directory}")
+        weight = base_model.get_output_embeddings().weight
+        heads.to(device=device or weight.device, dtype=dtype or weight.dtype)
+        heads.load_state_dict(_read_weights(directory, heads.state_dict()))
+        return heads
+
+
+def _read_weights(directory: str, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every tensor of expected, from the single file or the shards of the index; errors name the file."""
+    from safetensors.torch import load_file
+
+    index_path = os.path.join(directory, INDEX_NAME)
+    if os.path.exists(index_path):
+        try:
+            with open(index_path) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise HeadsCheckpointError(f"{index_path}: unreadable shard index ({type(e).__name__}: {e})") from e
+    else:
+        weight_map = dict.fromkeys(expected, WEIGHTS_NAME)
+    state = {}
+    for filename in sorted(set(weight_map.values())):
+        path = os.path.join(directory, filename)
+        if not os.path.exists(path):
+            raise HeadsCheckpointError(f"{path}: missing weights file")
+        try:
+            tensors = load_file(path)
+        except Exception as e:  # safetensors raises its own error types for truncated or garbled files
+            raise HeadsCheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+        for name, t in tensors.items():
+            if name not in expected:
+                raise HeadsCheckpointError(f"{path}: unexpected tensor {name!r} (not part of these heads)")
+            if t.shape != expected[name].shape:
+                raise HeadsCheckpointError(f"{path}: tensor {name!r} has shape {tuple(t.shape)}, expected "
+                                           f"{tuple(expected[name].shape)}")
+            state[name] = t
+    missing = [n for n in expected if n not in state]
+    if missing:
+        where = sorted({weight_map.get(n, WEIGHTS_NAME) for n in missing})
+        raise HeadsCheckpointError(f"{os.path.join(directory, where[0])}: missing tensors {missing[:5]}"
+                                   f"{' ...' if len(missing) > 5 else ''}")
+    return state
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _config_from_dict(d: dict):
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if not d or d.get("model_type") not in CONFIG_MAPPING:
+        raise ValueError("hydra++ heads need the base model config (HeadsConfig.base_config) with a known "
+                         f"model_type, got {d.get('model_type') if d else None!r}")
+    config = CONFIG_MAPPING[d["model_type"]].from_dict(d)
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def _decoder_layer_class(config) -> type:
+    """The ``<Arch>DecoderLayer`` class of the transformers causal-LM class for ``config``."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        model_cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        raise ValueError(f"transformers has no causal LM for {type(config).__name__}: cannot build a "
+                         "hydra++ prefix layer") from None
+    module = importlib.import_module(model_cls.__module__)
+    preferred = model_cls.__name__.removesuffix("ForCausalLM") + "DecoderLayer"
+    names = [preferred] + sorted(n for n in vars(module) if n.endswith("DecoderLayer"))
+    for name in names:
+        if isinstance(getattr(module, name, None), type):
+            return getattr(module, name)
+    raise ValueError(f"{model_cls.__module__} defines no *DecoderLayer class: cannot build a hydra++ prefix layer")
+
+
+def _decoder_layers(base_model: nn.Module) -> nn.ModuleList:
+    decoder = base_model.get_decoder() if hasattr(base_model, "get_decoder") else None
+    if decoder is None:
+        decoder = getattr(base_model, base_model.base_model_prefix)
+    return decoder.layers
