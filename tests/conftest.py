@@ -36,6 +36,13 @@ def device(request) -> torch.device:
     return torch.device(request.param)
 
 
+def require_kernel(op: str, device) -> None:
+    """Skip (with the reason in the report) where hydra_fast::op has no kernel for device's backend yet."""
+    key = "CUDA" if torch.device(device).type == "cuda" else "CPU"
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(f"hydra_fast::{op}", key):
+        pytest.skip(f"no {key} kernel registered for hydra_fast::{op}")
+
+
 @dataclass(frozen=True)
 class Tol:
     atol: float

@@ -14,7 +14,7 @@ import torch
 
 from conftest import (
     DTYPES, TOL, assert_close_by_dtype, assert_within_lowp_error, cuda_ready, generator, needs_extension,
-    noncontiguous, randn, random_tree,
+    noncontiguous, randn, random_tree, require_kernel,
 )
 from hydra_fast import ops, reference
 
@@ -75,6 +75,7 @@ ATTN_CASES = [
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", ATTN_CASES, ids=lambda c: "B{}-H{}x{}-N{}-S{}-D{}".format(*c[:6]))
 def test_tree_attention(device, dtype, case):
+    require_kernel("tree_attention", device)
     B, Hq, Hkv, N, S, D, lens = case
     args = make_attention_inputs(B, Hq, Hkv, N, S, D, lens, dtype, device, seed_of("attn", case, dtype))
     q, k_cache, v_cache, cache_lens, tree_mask, scale = args
@@ -93,6 +94,7 @@ def test_tree_attention(device, dtype, case):
 
 @pytest.mark.parametrize("D", [64, 128])
 def test_tree_attention_sees_exactly_the_mask(device, D):
+    require_kernel("tree_attention", device)
     # V is one-hot per position, so the output of each query is the softmax weight of each position: zero
     # exactly outside the cache and the query's ancestors, and the reference's weights inside.
     B, H, N, S, length = 1, 2, 5, 12, 4
@@ -152,6 +154,7 @@ def _to(args, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", MLP_CASES, ids=lambda c: "R{}-d{}-k{}-V{}-blocks{}-{}".format(*c))
 def test_draft_head_mlp(device, dtype, case):
+    require_kernel("draft_head_mlp", device)
     R, d, k, V, blocks, residual = case
     args = make_mlp_inputs(*case, dtype, device, seed_of("mlp", case, dtype))
     poison_allocator(R * d * args[0].element_size(), device)
@@ -164,6 +167,7 @@ def test_draft_head_mlp(device, dtype, case):
 
 
 def test_draft_head_mlp_gathers_embeddings(device):
+    require_kernel("draft_head_mlp", device)
     # One identity block with zero bias and the residual [I | 0 | I]: out = hidden + embed[tok1] + silu(same).
     d, V = 8, 5
     gen = generator(seed_of("gather"))
@@ -199,6 +203,7 @@ def one_hot_logits(argmax_rows, V, dtype, device, ties=()):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_accept_greedy_hand_built(device, dtype):
+    require_kernel("accept_greedy", device)
     V = 10
     paths = torch.tensor([[0, 1, 4], [0, 1, 3], [0, 2, -1]], device=device)
     # per sequence: argmax of each node's logits, and the drafted token of each node
@@ -227,6 +232,7 @@ def logits_from_probs(rows, temperature, dtype, device):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_accept_typical_hand_built(device, dtype):
+    require_kernel("accept_typical", device)
     T = 0.7
     paths = torch.tensor([[0, 1, 3], [0, 1, 4], [0, 2, -1]], device=device)
     flat = [1 / 8] * 8
@@ -284,6 +290,7 @@ ACCEPT_CASES = [
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", ACCEPT_CASES, ids=lambda c: "B{}-N{}-V{}".format(*c))
 def test_accept_greedy(device, dtype, case):
+    require_kernel("accept_greedy", device)
     B, N, V = case
     gen = generator(seed_of("greedy", case, dtype))
     tree = random_tree(N, gen)
@@ -309,6 +316,7 @@ def test_accept_greedy(device, dtype, case):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", ACCEPT_CASES, ids=lambda c: "B{}-N{}-V{}".format(*c))
 def test_accept_typical(device, dtype, case):
+    require_kernel("accept_typical", device)
     B, N, V = case
     T, eps, alpha = 0.7, 0.09, 0.3
     gen = generator(seed_of("typical", case, dtype))
@@ -333,6 +341,7 @@ def test_accept_typical(device, dtype, case):
 
 
 def test_kv_compact_hand_built(device):
+    require_kernel("kv_compact", device)
     S = 8
     k_cache = (100 + torch.arange(S, dtype=torch.float32, device=device)).view(1, 1, 1, S, 1).repeat(2, 2, 1, 1, 1)
     k_cache[:, 1] += 100  # sequence 1: 200 + slot
@@ -373,6 +382,7 @@ KV_CASES = [
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", KV_CASES, ids=lambda c: "L{}-B{}-H{}-S{}-D{}-Lp{}".format(*c))
 def test_kv_compact(device, dtype, case, strided):
+    require_kernel("kv_compact", device)
     layers, B, H, S, D, Lp, num_nodes = case
     gen = generator(seed_of("kv", case, dtype, strided))
     pad = 3 if strided else 0
@@ -393,6 +403,37 @@ def test_kv_compact(device, dtype, case, strided):
         moved[b, int(lens[b]):int(lens[b]) + n] = True
     keep = (~moved).to(device).view(1, B, 1, S + pad, 1).expand_as(k_buf)
     assert torch.equal(k_buf[keep], k_before[keep]) and torch.equal(v_buf[keep], v_before[keep])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CPU guards: values that break the caller's contract (the checks cannot see data) never index out of bounds;
+# where the reference is defined for them, the kernels agree with it.
+
+
+def test_cpu_out_of_range_values_match_reference():
+    gen = generator(seed_of("guards"))
+    B, H, N, S, D = 4, 2, 5, 12, 64
+    q, k_cache, v_cache, _, tree_mask, scale = make_attention_inputs(B, H, H, N, S, D, [0] * B, torch.float32,
+                                                                      "cpu", seed_of("guards-attn"))
+    cache_lens = torch.tensor([-3, S - 2, S, S + 5], dtype=torch.int32)  # tree partly or wholly outside [0, S)
+    torch.testing.assert_close(ops.tree_attention(q, k_cache, v_cache, cache_lens, tree_mask, scale),
+                               reference.tree_attention(q, k_cache, v_cache, cache_lens, tree_mask, scale),
+                               equal_nan=True)  # a query that sees nothing: NaN in both
+
+    logits, candidates, paths, uniform, T, eps, alpha = small_inputs("accept_typical", "cpu")
+    candidates[:, ::2] = -1  # Python indexing in the reference counts negative tokens from the end
+    for got, want in zip(ops.accept_typical(logits, candidates, paths, uniform, T, eps, alpha),
+                         reference.accept_typical(logits, candidates, paths, uniform, T, eps, alpha)):
+        assert torch.equal(got, want)
+
+    k_cache = randn((2, 1, 2, S, 8), torch.float32, "cpu", gen)
+    v_cache = randn((2, 1, 2, S, 8), torch.float32, "cpu", gen)
+    k_want, v_want = k_cache.clone(), v_cache.clone()
+    cache_lens = torch.tensor([S - 3], dtype=torch.int32)
+    accepted_nodes = torch.tensor([[0, 1, 50]])  # slot S - 3 + 50 is clamped to S - 1, as in the reference
+    reference.kv_compact(k_want, v_want, cache_lens, accepted_nodes)
+    ops.kv_compact(k_cache, v_cache, cache_lens, accepted_nodes)
+    assert torch.equal(k_cache, k_want) and torch.equal(v_cache, v_want)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -428,6 +469,7 @@ OPS = ["tree_attention", "draft_head_mlp", "accept_greedy", "accept_typical", "k
 
 @pytest.mark.parametrize("op", OPS)
 def test_opcheck(device, op):
+    require_kernel(op, device)
     torch.library.opcheck(getattr(torch.ops.hydra_fast, op).default, small_inputs(op, device))
 
 
@@ -458,6 +500,8 @@ def _step(impl):
 
 
 def _check_compiled(device, impl, backend):
+    for op in OPS:
+        require_kernel(op, device)
     # fake kernels, schemas and the in-place kv_compact all have to trace without a graph break
     inputs = [small_inputs(op, device) for op in OPS]
     torch._dynamo.reset()
@@ -486,6 +530,7 @@ def test_compile_fullgraph_wrappers(device):
 def test_cuda_graph(op):
     # Capture with one set of inputs, refill the same buffers with new values, replay, compare with eager.
     device = torch.device("cuda")
+    require_kernel(op, device)
     fn = getattr(ops, op)
     static = small_inputs(op, device, seed=1)
     side = torch.cuda.Stream()
@@ -617,6 +662,7 @@ BAD = ([("tree_attention",) + c for c in _attn_bad()] + [("draft_head_mlp",) + c
 
 @pytest.mark.parametrize("op,what,args,match", BAD, ids=[f"{b[0]}-{b[1]}" for b in BAD])
 def test_bad_inputs(device, op, what, args, match):
+    require_kernel(op, device)
     args = [a.to(device) if isinstance(a, torch.Tensor) else [x.to(device) for x in a] if isinstance(a, list)
             else a for a in args]
     with pytest.raises(RuntimeError, match=match):
@@ -636,6 +682,7 @@ MISMATCH = [
 @pytest.mark.skipif(not cuda_ready(), reason="needs a CUDA device and hydra_fast._C built with CUDA")
 @pytest.mark.parametrize("op,index,name", MISMATCH)
 def test_device_mismatch(op, index, name):
+    require_kernel(op, "cuda")
     args = list(small_inputs(op, "cuda"))
     args[index] = args[index].cpu()
     with pytest.raises(RuntimeError, match=name):
