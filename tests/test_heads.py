@@ -174,8 +174,6 @@ def test_draft_compiles_fullgraph(llama, kind):
     assert torch.equal(compiled(hidden, root, bufs, embed, lm_head, reference), eager)
 
 
-@pytest.mark.xfail(reason="ops._require() calls the functools.cache'd ops._extension(), which dynamo traces "
-                          "into register_fake (ops.py, not this module)", strict=False)
 def test_draft_compiles_fullgraph_with_kernels(llama):
     impl = kernel_impl()
     embed, lm_head = io(llama)

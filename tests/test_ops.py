@@ -518,8 +518,6 @@ def test_compile_fullgraph(device):
     _check_compiled(device, torch.ops.hydra_fast, backend="inductor")
 
 
-@pytest.mark.xfail(strict=True, reason="ops._require() calls the functools.cache'd _extension(), which dynamo "
-                   "traces into (it ignores the cache) and hits register_fake: the typed wrappers break fullgraph")
 def test_compile_fullgraph_wrappers(device):
     _check_compiled(device, ops, backend="aot_eager")
 

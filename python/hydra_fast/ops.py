@@ -5,22 +5,20 @@ the specification. The fake kernels let every op run under ``torch.compile(fullg
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from hydra_fast import reference
 
 
-@functools.cache
+try:  # importing the module registers the ops (TORCH_LIBRARY in csrc/ops.cpp)
+    from hydra_fast import _C as _EXTENSION
+except ImportError:
+    _EXTENSION = None
+
+
 def _extension():
-    """Import hydra_fast._C once (it registers the ops); None when the extension was not built."""
-    try:
-        from hydra_fast import _C
-    except ImportError:
-        return None
-    _register_fakes()
-    return _C
+    """hydra_fast._C, or None when the extension was not built."""
+    return _EXTENSION
 
 
 def extension_loaded() -> bool:
@@ -155,3 +153,7 @@ def _register_fakes() -> None:
     @torch.library.register_fake(lib + "kv_compact")
     def _(k_cache, v_cache, cache_lens, accepted_nodes):
         return None
+
+
+if _EXTENSION is not None:
+    _register_fakes()
