@@ -247,6 +247,16 @@ class DraftHeads(nn.Module):
         [B, T] (1 = real token); it uses the base config's attention implementation (eager or SDPA) with an
         additive causal mask and ignores sliding windows. impl defaults to the differentiable reference ops.
         """
+        B, T, _ = hidden.shape
+        states = self.train_states(hidden, input_ids, embed_weight, impl, position_embeddings, attention_mask)
+        return [self.logits(i, y.reshape(B * T, -1), base_lm_head).view(B, T, -1)  # [B, T, V]
+                for i, y in enumerate(states)]
+
+    def train_states(self, hidden, input_ids, embed_weight, impl=None, position_embeddings=None,
+                     attention_mask=None) -> list[torch.Tensor]:
+        """forward_train before the LM heads: every head's output state, list of [B, T, d].
+
+        Lets a trainer project only the rows it scores (``logits(i, states[i][rows], lm_head)``)."""
         impl = reference if impl is None else impl
         B, T, d = hidden.shape
         if self.prefix_layer is not None:
@@ -256,15 +266,14 @@ class DraftHeads(nn.Module):
             hidden = self._prefix(hidden, position_embeddings, attention_mask)
         x = hidden.reshape(B * T, d)  # [B*T, d]
         out = []
-        for i, head in enumerate(self.heads):
+        for head in self.heads:
             k = head.path_len
             if k == 0:
                 tokens = input_ids.new_zeros(B, T, 0)
             else:
                 padded = F.pad(input_ids, (0, k))  # [B, T + k], token 0 past the end
                 tokens = padded[:, 1:].unfold(1, k, 1)  # [B, T, k]: input_ids[t + 1 .. t + k]
-            y = head(x, tokens.reshape(B * T, k), embed_weight, impl)  # [B*T, d]
-            out.append(self.logits(i, y, base_lm_head).view(B, T, -1))  # [B, T, V]
+            out.append(head(x, tokens.reshape(B * T, k), embed_weight, impl).view(B, T, d))  # [B, T, d]
         return out
 
     def _prefix(self, hidden, position_embeddings, attention_mask) -> torch.Tensor:
