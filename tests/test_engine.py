@@ -196,3 +196,12 @@ def test_sampling_runs_and_is_seeded():
     torch.manual_seed(3)
     b = model.generate(ids, max_new_tokens=20, do_sample=True, temperature=0.8)
     assert torch.equal(a, b) and a.shape == (1, 26)
+
+
+@pytest.mark.slow
+def test_compiled_step_matches_hf():
+    base = tiny("llama")
+    ids = torch.randint(0, V, (1, 7))
+    ref = hf_greedy(base, ids, 24)
+    model = HydraModel(base, perturbed_heads(base, "hydra++"), max_cache_len=128, compile=True)
+    assert torch.equal(model.generate(ids, max_new_tokens=24), ref)

@@ -46,8 +46,9 @@ def register() -> str:
 
 @contextlib.contextmanager
 def use_tree_attention(model: torch.nn.Module):
-    """Select ``hydra_tree`` on ``model.config`` inside the block, restoring the previous choice after."""
-    register()
+    """Select ``hydra_tree`` on ``model.config`` inside the block, restoring the previous choice after.
+
+    ``register()`` must have run (the engine does it at construction, outside any traced code)."""
     config = model.config
     previous = config._attn_implementation
     config._attn_implementation = NAME

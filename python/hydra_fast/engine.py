@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from hydra_fast import ops
-from hydra_fast.attention import TreeAttention, use_tree_attention
+from hydra_fast.attention import TreeAttention, register, use_tree_attention
 from hydra_fast.cache import TreeKVCache
 from hydra_fast.compat import cache_kwarg
 from hydra_fast.tree import Tree
@@ -42,6 +42,8 @@ class SpeculativeEngine:
         dtype = base.get_output_embeddings().weight.dtype
         self.device, self.dtype = device, dtype
         self.impl = ops.implementation(device, prefer_kernels=use_kernels)
+        register()
+        self.cache_kw = cache_kwarg()  # resolved here: traced code must not call cached helpers
         self.backbone = getattr(base, base.base_model_prefix)
         self.lm_head = base.get_output_embeddings()
         self.embed_weight = base.get_input_embeddings().weight
@@ -75,7 +77,7 @@ class SpeculativeEngine:
         ctx = TreeAttention(self.cache.lens, mask, self.impl)
         with use_tree_attention(self.base):
             out = self.backbone(input_ids=input_ids, position_ids=position_ids, use_cache=True,
-                                **{cache_kwarg(): self.cache}, hydra_tree=ctx)
+                                **{self.cache_kw: self.cache}, hydra_tree=ctx)
         return out.last_hidden_state
 
     def _prefix(self, hidden, position_ids) -> torch.Tensor:
@@ -86,7 +88,7 @@ class SpeculativeEngine:
         with use_tree_attention(self.base):
             out = self.heads.prefix_layer(hidden, attention_mask=None, position_ids=position_ids, use_cache=True,
                                           position_embeddings=pos_emb, hydra_tree=ctx,
-                                          **{cache_kwarg(): self.prefix_cache})
+                                          **{self.cache_kw: self.prefix_cache})
         return out[0] if isinstance(out, tuple) else out
 
     def _draft(self) -> torch.Tensor:
@@ -166,9 +168,11 @@ class SpeculativeEngine:
 class StepRunner:
     """Runs ``engine.step``: eagerly, or on CUDA captured once as a CUDA graph and replayed."""
 
-    def __init__(self, engine: SpeculativeEngine, cuda_graph: bool = True):
+    def __init__(self, engine: SpeculativeEngine, cuda_graph: bool = True, compile: bool = False):
         self.engine = engine
         self.graph = None
+        # torch.compile fuses the base model's small kernels (norms, rotary, SiLU-mul) before capture.
+        self.step = torch.compile(engine.step, fullgraph=True, dynamic=False) if compile else engine.step
         if cuda_graph and engine.device.type == "cuda":
             self.graph = self._capture()
 
@@ -178,17 +182,17 @@ class StepRunner:
         side = torch.cuda.Stream(device=engine.device)
         side.wait_stream(torch.cuda.current_stream(engine.device))
         with torch.cuda.stream(side):  # warm-up: lazy initialisation must not happen during capture
-            for _ in range(2):
-                engine.step()
+            for _ in range(3):
+                self.step()
         torch.cuda.current_stream(engine.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            engine.step()
+            self.step()
         engine.cache.reset()  # the warm-up's tokens are garbage; prefill starts from an empty cache
         return graph
 
     def __call__(self) -> torch.Tensor:
         if self.graph is None:
-            return self.engine.step()
+            return self.step()
         self.graph.replay()
         return self.engine.result

@@ -49,12 +49,14 @@ class HydraModel:
     """A base model and optional draft heads. ``generate`` follows HF ``generate``'s contract.
 
     ``max_cache_len`` fixes the static KV cache (prompt + new tokens + the draft tree must fit);
-    ``cuda_graph`` replays each step as one CUDA graph on CUDA; ``use_kernels`` picks the compiled ops
-    (else the pure-PyTorch reference ops).
+    ``cuda_graph`` replays each step as one CUDA graph on CUDA; ``compile`` runs the step through
+    ``torch.compile(fullgraph=True)`` first (fewer, fused kernels; compile time on first use);
+    ``use_kernels`` picks the compiled ops (else the pure-PyTorch reference ops).
     """
 
     def __init__(self, base, heads=None, tree="mc_sim_7b_63", max_cache_len: int | None = None,
-                 use_kernels: bool = True, cuda_graph: bool = True, max_batch_size: int = 8):
+                 use_kernels: bool = True, cuda_graph: bool = True, max_batch_size: int = 8,
+                 compile: bool = False):
         check_supported(base)
         self.base = base.eval()
         self.heads = heads.eval() if heads is not None else None
@@ -69,6 +71,7 @@ class HydraModel:
                 f"to the whole cache: pass max_cache_len <= {window}")
         self.use_kernels = use_kernels
         self.cuda_graph = cuda_graph
+        self.compile = compile
         self.max_batch_size = max_batch_size
         self._engine_key = None
         self._engine = None
@@ -79,7 +82,7 @@ class HydraModel:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_pretrained(cls, base, heads=None, tree="mc_sim_7b_63", max_cache_len=None, use_kernels=True,
-                        cuda_graph=True, **hf_kwargs):
+                        cuda_graph=True, compile=False, **hf_kwargs):
         """``base``: a loaded HF causal LM or a local path; ``heads``: a local heads directory or None."""
         from transformers import AutoModelForCausalLM
 
@@ -94,7 +97,7 @@ class HydraModel:
             weight = base.get_output_embeddings().weight
             heads = DraftHeads.from_pretrained(str(heads), base, device=weight.device, dtype=weight.dtype)
         return cls(base, heads, tree=tree, max_cache_len=max_cache_len, use_kernels=use_kernels,
-                   cuda_graph=cuda_graph)
+                   cuda_graph=cuda_graph, compile=compile)
 
     def _check_heads(self, heads) -> None:
         from hydra_fast.heads import check_compatible
@@ -118,7 +121,7 @@ class HydraModel:
             heads = self.heads if use_heads else None
             self._engine = SpeculativeEngine(self.base, heads, tree, batch_size, self.max_cache_len, sampling,
                                              use_kernels=self.use_kernels)
-            self._runner = StepRunner(self._engine, cuda_graph=self.cuda_graph)
+            self._runner = StepRunner(self._engine, cuda_graph=self.cuda_graph, compile=self.compile)
             self._engine_key = key
         return self._engine, self._runner
 
