@@ -91,7 +91,8 @@ class SpeculativeEngine:
                                           **{self.cache_kw: self.prefix_cache})
         return out[0] if isinstance(out, tuple) else out
 
-    def _draft(self) -> torch.Tensor:
+    def draft(self) -> torch.Tensor:
+        """Candidate tokens of every tree node [B, N] (node 0 is the root)."""
         if self.heads is None:
             return self.root.view(-1, 1)  # [B, 1]
         return self.heads.draft(self.hidden, self.root, self.bufs, self.embed_weight, self.lm_head, self.impl)
@@ -143,16 +144,17 @@ class SpeculativeEngine:
         self.hidden.copy_(h_last)
         return first
 
-    @torch.no_grad()
-    def step(self) -> torch.Tensor:
-        """One speculative step from the current state; fills and returns ``self.result`` [B, 1 + L]."""
-        bufs = self.bufs
+    def verify(self, candidates) -> tuple[torch.Tensor, torch.Tensor]:
+        """One base forward over the tree. -> hidden [B, N, d], logits [B, N, V]."""
+        lens = self.cache.lens
+        pos = lens.to(torch.long).view(-1, 1) + self.bufs.depth.view(1, -1)  # [B, N]
+        hidden = self._forward(candidates, pos, self.bufs.tree_mask)  # [B, N, d]
+        return hidden, self.lm_head(hidden)
+
+    def accept(self, candidates, hidden, logits) -> torch.Tensor:
+        """Accept, compact the KV cache, advance the state; fills and returns ``self.result``."""
         lens = self.cache.lens
         B = lens.shape[0]
-        candidates = self._draft()  # [B, N]
-        pos = lens.to(torch.long).view(B, 1) + bufs.depth.view(1, -1)  # [B, N]
-        hidden = self._forward(candidates, pos, bufs.tree_mask)  # [B, N, d]
-        logits = self.lm_head(hidden)  # [B, N, V]
         accept_len, out_tokens, nodes = self._accept(logits, candidates)
         self.impl.kv_compact(self.cache.k, self.cache.v, lens, nodes)
         L = nodes.shape[1]
@@ -163,6 +165,13 @@ class SpeculativeEngine:
         self.result[:, 0].copy_(accept_len)
         self.result[:, 1:].copy_(out_tokens)
         return self.result
+
+    @torch.no_grad()
+    def step(self) -> torch.Tensor:
+        """One speculative step from the current state; fills and returns ``self.result`` [B, 1 + L]."""
+        candidates = self.draft()  # [B, N]
+        hidden, logits = self.verify(candidates)
+        return self.accept(candidates, hidden, logits)
 
 
 class StepRunner:
@@ -195,4 +204,64 @@ class StepRunner:
         if self.graph is None:
             return self.step()
         self.graph.replay()
+        return self.engine.result
+
+
+class PhasedStepRunner:
+    """For profiling: the step as three CUDA graphs (draft, verify, accept) with events between them.
+
+    The phases hand over through static buffers (a copy of the tree's hidden states and logits a step),
+    so a phased step is slightly slower than the one-graph step; ``last_split_ms`` holds the split of the
+    most recent step as {"draft", "verify", "accept"} milliseconds.
+    """
+
+    def __init__(self, engine: SpeculativeEngine):
+        if engine.device.type != "cuda":
+            raise ValueError("PhasedStepRunner needs a CUDA engine")
+        self.engine = engine
+        B, N = engine.batch_size, engine.bufs.num_nodes
+        cfg = engine.base.config
+        dev, dt = engine.device, engine.dtype
+        self.cand = torch.zeros(B, N, dtype=torch.long, device=dev)
+        self.hidden = torch.zeros(B, N, cfg.hidden_size, dtype=dt, device=dev)
+        self.logits = torch.zeros(B, N, engine.lm_head.weight.shape[0], dtype=dt, device=dev)
+        self.events = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+        self.last_split_ms: dict[str, float] = {}
+        self.graphs = self._capture()
+
+    @torch.no_grad()
+    def _phases(self):
+        e = self.engine
+        return (lambda: self.cand.copy_(e.draft()),
+                lambda: [buf.copy_(x) for buf, x in zip((self.hidden, self.logits), e.verify(self.cand))],
+                lambda: e.accept(self.cand, self.hidden, self.logits))
+
+    def _capture(self):
+        engine = self.engine
+        engine.cache.reset()
+        side = torch.cuda.Stream(device=engine.device)
+        side.wait_stream(torch.cuda.current_stream(engine.device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                for phase in self._phases():
+                    phase()
+        torch.cuda.current_stream(engine.device).wait_stream(side)
+        graphs = []
+        for phase in self._phases():
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                phase()
+            graphs.append(g)
+        engine.cache.reset()
+        return graphs
+
+    def __call__(self) -> torch.Tensor:
+        ev = self.events
+        ev[0].record()
+        for g, end in zip(self.graphs, ev[1:]):
+            g.replay()
+            end.record()
+        ev[3].synchronize()
+        self.last_split_ms = {name: ev[i].elapsed_time(ev[i + 1]) for i, name in
+                              enumerate(("draft", "verify", "accept"))}
         return self.engine.result
