@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "python"))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from hydra_fast.defaults import heads_dir_name  # noqa: E402
 from hydra_fast.heads import DraftHeads  # noqa: E402
 from hydra_fast.model import HydraModel  # noqa: E402
 
@@ -61,7 +62,7 @@ def real_model(args, report):
                                        return_tensors="pt", return_dict=True)["input_ids"].cuda() for r in rows]
     modes = {"plain": None}
     for kind in ("medusa", "hydra", "hydra++"):
-        d = Path(args.heads_dir) / kind.replace("+", "p") if args.heads_dir else None
+        d = Path(args.heads_dir) / heads_dir_name(kind) if args.heads_dir else None
         modes[kind] = (DraftHeads.from_pretrained(d, base) if d and d.exists()
                        else DraftHeads.from_base(base, kind))
     results = {m: {"tok_s": [], "tau": [], "step_ms": [], "identical": 0, "first_div": []} for m in modes}
