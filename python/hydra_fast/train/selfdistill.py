@@ -1,0 +1,219 @@
+"""Build a self-distillation training set: offline prompts, answered by the base model itself.
+
+Prompts come from ``sources`` (seeded, deduplicated, MT-Bench-guarded); each is wrapped in the base's chat
+template and answered with HF ``generate`` in left-padded batches (greedy, or sampled with a per-shard seed).
+Shards are written atomically and listed in the manifest as they finish, so an interrupted build resumes where
+it stopped and produces the same files as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hydra_fast.heads import fingerprint
+from hydra_fast.train import sources as src
+from hydra_fast.train.dataset import (FORMAT, MANIFEST, PROMPTS, DataError, DataMismatchError, check_base,
+                                      sha256_file, write_json_atomic)
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    sources: tuple[str, ...] = ("builtin:1000", "stdlib:1000")  # SourceSpec strings
+    seed: int = 0
+    max_new_tokens: int = 256
+    do_sample: bool = False  # False: greedy answers (what greedy speculative decoding must predict)
+    temperature: float = 0.7
+    top_p: float = 0.95
+    batch_size: int = 32  # prompts per generate call
+    shard_size: int = 512  # prompts per shard (the unit of resume)
+    max_prompt_tokens: int = 512  # longer prompts are skipped
+    chat_template: bool = True  # False: raw prompt text (base models without a chat template)
+    system_prompt: str | None = None
+
+
+def check_tokenizer(tokenizer, base_model) -> None:
+    """DataMismatchError when the tokenizer cannot belong to base_model (more tokens than its vocabulary)."""
+    vocab = base_model.get_output_embeddings().weight.shape[0]
+    n = len(tokenizer)
+    if n > vocab:
+        raise DataMismatchError(f"the tokenizer has {n} tokens but the model's vocabulary has {vocab}: the tokenizer "
+                                "belongs to another model; load the tokenizer saved with this model")
+
+
+def tokenizer_digest(tokenizer) -> str:
+    n = len(tokenizer)
+    probe = sorted({round(i * (n - 1) / 63) for i in range(64)})
+    blob = json.dumps([n, tokenizer.convert_ids_to_tokens(probe), getattr(tokenizer, "chat_template", None)])
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def encode_prompt(tokenizer, prompt: str, config: BuildConfig) -> list[int]:
+    if not config.chat_template:
+        return tokenizer(prompt)["input_ids"]
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError("the tokenizer has no chat template; pass --no-chat-template to use raw prompts")
+    messages = [{"role": "system", "content": config.system_prompt}] if config.system_prompt else []
+    messages.append({"role": "user", "content": prompt})
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def stop_ids(base_model, tokenizer) -> list[int]:
+    eos = base_model.generation_config.eos_token_id
+    ids = [eos] if isinstance(eos, int) else list(eos or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    if not ids:
+        raise DataError("neither the model's generation config nor the tokenizer names an end-of-sequence token")
+    return ids
+
+
+@torch.no_grad()
+def answer(base_model, prompts: list[list[int]], config: BuildConfig, eos: list[int], pad: int) -> list[list[int]]:
+    """The base model's answers (token ids, up to and including the first end token) to tokenized prompts."""
+    device = base_model.get_output_embeddings().weight.device
+    L = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), L), pad, dtype=torch.long)  # [B, L], left-padded
+    mask = torch.zeros(len(prompts), L, dtype=torch.long)  # [B, L]
+    for b, p in enumerate(prompts):
+        ids[b, L - len(p):] = torch.tensor(p)
+        mask[b, L - len(p):] = 1
+    sampling = dict(do_sample=True, temperature=config.temperature, top_p=config.top_p, top_k=0) \
+        if config.do_sample else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    out = base_model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                              max_new_tokens=config.max_new_tokens, eos_token_id=eos, pad_token_id=pad, **sampling)
+    answers = []
+    for row in out[:, L:].tolist():  # [B, new]
+        end = next((j for j, t in enumerate(row) if t in eos), None)
+        answers.append(row if end is None else row[: end + 1])
+    return answers
+
+
+def _shard_seed(seed: int, shard: int) -> int:
+    return (seed * 1_000_003 + shard) % (1 << 63)
+
+
+def _write_shard(path: Path, samples: list[tuple[list[int], int, int]]) -> dict:
+    """samples: (prompt + answer ids, answer_start, prompt_index). Atomic; returns its manifest entry."""
+    from safetensors.torch import save_file
+
+    lengths = [len(s[0]) for s in samples]
+    offsets = torch.zeros(len(samples) + 1, dtype=torch.long)  # [n + 1]
+    offsets[1:] = torch.tensor(lengths, dtype=torch.long).cumsum(0)
+    tensors = {
+        "tokens": torch.tensor([t for s in samples for t in s[0]], dtype=torch.int32),  # [sum L]
+        "offsets": offsets,
+        "answer_start": torch.tensor([s[1] for s in samples], dtype=torch.int32),  # [n]
+        "prompt_index": torch.tensor([s[2] for s in samples], dtype=torch.long),  # [n]
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, tmp, metadata={"format": FORMAT})
+    tmp.replace(path)
+    return {"file": path.name, "num_samples": len(samples), "num_tokens": sum(lengths),
+            "answer_tokens": sum(len(s[0]) - s[1] for s in samples), "sha256": sha256_file(path)}
+
+
+def _check_resume(manifest: dict, fresh: dict, directory: Path) -> None:
+    keys = ("base", "tokenizer", "recipe", "prompts_sha256")
+    diff = [k for k in keys if manifest.get(k) != fresh[k]]
+    if manifest.get("format") != FORMAT or diff:
+        raise DataMismatchError(
+            f"{directory / MANIFEST} was written for another build ({', '.join(diff) or 'format'} differ"
+            f"{': another base model' if 'base' in diff else ''}); use a new output directory, or --overwrite")
+
+
+def build(base_model, tokenizer, directory, config: BuildConfig = BuildConfig(), mt_bench=None,
+          time_budget_s: float | None = None, overwrite: bool = False, progress: bool = True) -> dict:
+    """Generate (or finish) the data set in ``directory``; returns the manifest.
+
+    mt_bench: the MT-Bench question file to guard against (default: ``sources.find_mt_bench()``).
+    time_budget_s: stop before a shard that would end past the budget (the manifest says complete: false)."""
+    from tqdm.auto import tqdm
+
+    t0 = time.monotonic()
+    directory = Path(directory)
+    check_tokenizer(tokenizer, base_model)
+    specs = [src.SourceSpec.parse(s) for s in config.sources]
+    prompts, counts = src.collect_prompts(specs, config.seed)
+    if not prompts:
+        raise DataError(f"the prompt sources {', '.join(config.sources)} gave no prompts")
+    guard_file = src.find_mt_bench(mt_bench)
+    checked = src.check_no_mt_bench(prompts, guard_file)
+    prompts_sha = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
+    fresh = {
+        "format": FORMAT, "base": dataclasses.asdict(fingerprint(base_model)),
+        "base_name": str(getattr(base_model.config, "_name_or_path", "")),
+        "tokenizer": tokenizer_digest(tokenizer), "recipe": json.loads(json.dumps(dataclasses.asdict(config))),
+        "prompt_counts": counts, "num_prompts": len(prompts), "prompts_sha256": prompts_sha,
+        "mt_bench_guard": {"file": str(guard_file) if guard_file else None, "questions_checked": checked},
+        "shards": {}, "skipped_long_prompts": 0, "complete": False,
+    }
+    manifest_path = directory / MANIFEST
+    if manifest_path.exists() and not overwrite:
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+        if manifest.get("base") != fresh["base"]:
+            check_base(manifest, base_model, str(directory))
+        _check_resume(manifest, fresh, directory)
+    else:
+        directory.mkdir(parents=True, exist_ok=True)
+        for old in directory.glob("shard-*.safetensors"):
+            old.unlink()
+        manifest = fresh
+        with open(directory / PROMPTS, "w") as f:
+            for i, p in enumerate(prompts):
+                f.write(json.dumps({"index": i, "prompt": p}) + "\n")
+        write_json_atomic(manifest_path, manifest)
+
+    eos = stop_ids(base_model, tokenizer)
+    pad = base_model.generation_config.pad_token_id
+    pad = eos[0] if pad is None else (pad if isinstance(pad, int) else pad[0])
+    num_shards = -(-len(prompts) // config.shard_size)
+    done = {k for k, v in manifest["shards"].items() if (directory / v["file"]).is_file()
+            and sha256_file(directory / v["file"]) == v["sha256"]}
+    bar = tqdm(total=len(prompts), initial=min(len(prompts), len(done) * config.shard_size), unit="prompt",
+               desc="self-distill", disable=not progress)
+    slowest = 0.0
+    for s in range(num_shards):
+        key = f"{s:05d}"
+        if key in done:
+            continue
+        over = time_budget_s is not None and time.monotonic() - t0 + slowest > time_budget_s
+        if over and manifest["shards"]:  # a budget always buys at least one shard
+            break
+        ts = time.monotonic()
+        lo, hi = s * config.shard_size, min(len(prompts), (s + 1) * config.shard_size)
+        encoded = [(i, encode_prompt(tokenizer, prompts[i], config)) for i in range(lo, hi)]
+        kept = [(i, p) for i, p in encoded if len(p) <= config.max_prompt_tokens]
+        kept.sort(key=lambda e: (-len(e[1]), e[0]))  # similar lengths share a batch: less padding
+        torch.manual_seed(_shard_seed(config.seed, s))
+        samples = []
+        for b in range(0, len(kept), config.batch_size):
+            chunk = kept[b: b + config.batch_size]
+            answers = answer(base_model, [p for _, p in chunk], config, eos, pad)
+            samples += [(p + a, len(p), i) for (i, p), a in zip(chunk, answers) if a]
+            bar.update(len(chunk))
+        bar.update(len(encoded) - len(kept))
+        samples.sort(key=lambda e: e[2])
+        entry = _write_shard(directory / f"shard-{key}.safetensors", samples)
+        entry["seconds"] = round(time.monotonic() - ts, 2)
+        manifest["shards"][key] = entry
+        manifest["skipped_long_prompts"] = manifest.get("skipped_long_prompts", 0) + len(encoded) - len(kept)
+        manifest["complete"] = len(manifest["shards"]) == num_shards
+        write_json_atomic(manifest_path, manifest)
+        slowest = max(slowest, time.monotonic() - ts)
+    bar.close()
+    manifest["complete"] = len(manifest["shards"]) == num_shards
+    write_json_atomic(manifest_path, manifest)
+    if not manifest["shards"]:
+        raise DataError(f"{directory}: no shard was finished (time budget {time_budget_s} s too short?)")
+    if not any(v["num_samples"] for v in manifest["shards"].values()):
+        raise DataError(f"{directory}: the data set is empty: every prompt was longer than max_prompt_tokens="
+                        f"{config.max_prompt_tokens} or got an empty answer")
+    return manifest

@@ -1,0 +1,220 @@
+"""Self-distilled training data: prompt sources, the MT-Bench guard, deterministic and resumable builds, and
+clear errors for mismatched models, tokenizers, recipes, corrupt shards and empty sets."""
+import gzip
+import json
+import random
+
+import pytest
+import torch
+from _train_tiny import char_tokenizer, tiny_llama
+
+from hydra_fast.train import selfdistill as build_mod
+from hydra_fast.train import sources as src
+from hydra_fast.train.selfdistill import BuildConfig, build
+from hydra_fast.train.dataset import (MANIFEST, DataError, DataMismatchError, SelfDistillData, collate,
+                                      read_manifest)
+
+QUESTION = "Compose an engaging travel blog post about a recent trip to Hawaii, highlighting cultural experiences."
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return char_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama()
+
+
+@pytest.fixture
+def mt_bench(tmp_path):
+    path = tmp_path / "mt_bench.jsonl"
+    path.write_text(json.dumps({"question_id": 81, "turns": [QUESTION, "Rewrite it."]}) + "\n")
+    return path
+
+
+def cfg(**kw):
+    return BuildConfig(**{"sources": ("builtin:12",), "max_new_tokens": 8, "batch_size": 2, "shard_size": 4, **kw})
+
+
+def shard_hashes(directory):
+    return {k: v["sha256"] for k, v in read_manifest(directory)["shards"].items()}
+
+
+# ------------------------------------------------------------------------------------------- sources
+def test_source_spec_parse():
+    assert src.SourceSpec.parse("stdlib:30") == src.SourceSpec("stdlib", 30, None)
+    assert src.SourceSpec.parse("wiki:5@/x/y.json") == src.SourceSpec("wiki", 5, "/x/y.json")
+    assert str(src.SourceSpec.parse("builtin")) == "builtin:1000"
+    with pytest.raises(ValueError, match="unknown prompt source 'nope'"):
+        src.SourceSpec.parse("nope:3")
+    with pytest.raises(ValueError, match="needs a local file"):
+        src.SourceSpec.parse("wiki:3")
+    with pytest.raises(ValueError, match="not an integer"):
+        src.SourceSpec.parse("builtin:x")
+
+
+def test_collect_prompts_is_seeded_and_deduplicated():
+    specs = [src.SourceSpec("builtin", 50), src.SourceSpec("builtin", 50)]
+    a, counts = src.collect_prompts(specs, seed=3)
+    assert a == src.collect_prompts(specs, seed=3)[0]
+    assert len(a) == len(set(a)) and set(counts.values()) == {50, 0}  # the repeated spec adds nothing new
+    assert a != src.collect_prompts(specs, seed=4)[0]
+    with pytest.raises(ValueError, match="no prompt sources"):
+        src.collect_prompts([], 0)
+
+
+def test_stdlib_source_gives_code_instructions():
+    prompts = src.load_stdlib(None, 6, random.Random(0))
+    assert len(prompts) == 6 and all("```python\n" in p for p in prompts)
+    assert prompts == src.load_stdlib(None, 6, random.Random(0))
+
+
+def test_file_sources(tmp_path):
+    wiki = tmp_path / "summaries.json"
+    wiki.write_text(json.dumps({f"T{i}": {"title": f"Topic {i}", "extract": f"Topic {i} is a thing. " * 10}
+                                for i in range(5)}))
+    novel = tmp_path / "novel.txt"
+    novel.write_text("\n\n".join(f"Paragraph {i}. " + "She walked on. " * 20 for i in range(6)))
+    fortunes = tmp_path / "fortunes"
+    fortunes.mkdir()
+    (fortunes / "misc").write_text("A fortune worth reading twice.\n%\nAnother saying, wise and short.\n%\nx\n")
+    he = tmp_path / "HumanEval.jsonl.gz"
+    with gzip.open(he, "wt") as f:
+        f.write(json.dumps({"prompt": "def add(a, b):\n    \"\"\"Add.\"\"\"\n"}) + "\n")
+    own = tmp_path / "mine.jsonl"
+    own.write_text('{"prompt": "p1"}\n{"instruction": "do", "input": "this"}\n{"turns": ["t1", "t2"]}\n')
+    rng = random.Random(0)
+    w = src.load_wiki(str(wiki), 3, rng)
+    assert len(w) == 3 and all("Topic" in p for p in w)
+    t = src.load_text(str(novel), 10, rng)
+    assert t and all(300 <= len(p) for p in t)
+    assert len(src.load_fortunes(str(fortunes), 10, rng)) == 2  # "x" is too short to be a prompt
+    assert "def add" in src.load_humaneval(str(he), 5, rng)[0]
+    assert sorted(src.load_jsonl(str(own), 5, rng)) == ["do\n\nthis", "p1", "t1"]
+    with pytest.raises(FileNotFoundError):
+        src.load_wiki(str(tmp_path / "missing.json"), 3, rng)
+
+
+def test_mt_bench_guard(mt_bench, tmp_path):
+    assert src.check_no_mt_bench(["hello", "Tell me about cats."], mt_bench) == 1
+    with pytest.raises(src.EvalLeakError, match="MT-Bench question 81"):
+        src.check_no_mt_bench(["ok", "  " + QUESTION.upper() + " "], mt_bench)
+    with pytest.raises(src.EvalLeakError):  # wrapped in an instruction template
+        src.check_no_mt_bench([f"Answer briefly: {QUESTION}"], mt_bench)
+    assert src.check_no_mt_bench(["Rewrite it. Please."], mt_bench) == 1  # short second turns are not matched
+    assert src.find_mt_bench(mt_bench) == mt_bench
+    with pytest.raises(FileNotFoundError):
+        src.find_mt_bench(tmp_path / "none.jsonl")
+
+
+def test_build_rejects_mt_bench_prompts(tmp_path, model, tok, mt_bench):
+    own = tmp_path / "prompts.jsonl"
+    own.write_text(json.dumps({"prompt": "fine"}) + "\n" + json.dumps({"prompt": QUESTION}) + "\n")
+    with pytest.raises(src.EvalLeakError):
+        build(model, tok, tmp_path / "d", cfg(sources=(f"jsonl:5@{own}",)), mt_bench=mt_bench, progress=False)
+    assert not (tmp_path / "d" / MANIFEST).exists()
+
+
+# --------------------------------------------------------------------------------------------- build
+def test_build_is_deterministic_and_loads(tmp_path, model, tok, mt_bench):
+    m1 = build(model, tok, tmp_path / "a", cfg(), mt_bench=mt_bench, progress=False)
+    build(model, tok, tmp_path / "b", cfg(), mt_bench=mt_bench, progress=False)
+    assert m1["complete"] and len(m1["shards"]) == 3 and m1["num_prompts"] == 12
+    assert m1["mt_bench_guard"]["questions_checked"] == 1
+    assert shard_hashes(tmp_path / "a") == shard_hashes(tmp_path / "b")
+    data = SelfDistillData(tmp_path / "a", model)
+    assert len(data) == 12
+    prompts = [json.loads(line)["prompt"] for line in open(tmp_path / "a" / "prompts.jsonl")]
+    ids, start = data[0]
+    chat = tok.apply_chat_template([{"role": "user", "content": prompts[0]}], add_generation_prompt=True,
+                                   tokenize=False)
+    assert ids[:start].tolist() == tok(chat, add_special_tokens=False)["input_ids"]
+    # the answer is the base model's own greedy continuation, cut after the end token
+    ref = model.generate(ids[:start].view(1, -1), max_new_tokens=8, do_sample=False, eos_token_id=[2],
+                         pad_token_id=0)[0, start:].tolist()
+    assert ids[start:].tolist() == (ref[: ref.index(2) + 1] if 2 in ref else ref)
+
+
+def test_sampled_build_is_seeded(tmp_path, model, tok, mt_bench):
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        build(model, tok, tmp_path / name, cfg(do_sample=True, temperature=1.0, seed=seed), mt_bench=mt_bench,
+              progress=False)
+    assert shard_hashes(tmp_path / "a") == shard_hashes(tmp_path / "b")
+    assert shard_hashes(tmp_path / "a") != shard_hashes(tmp_path / "c")
+
+
+def test_build_resumes_after_interruption(tmp_path, model, tok, mt_bench, monkeypatch):
+    full = tmp_path / "full"
+    build(model, tok, full, cfg(do_sample=True, temperature=1.0), mt_bench=mt_bench, progress=False)
+    calls = {"n": 0}
+    real = build_mod.answer
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:  # 2 batches a shard: dies inside shard 1's second batch
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(build_mod, "answer", flaky)
+    part = tmp_path / "part"
+    with pytest.raises(KeyboardInterrupt):
+        build(model, tok, part, cfg(do_sample=True, temperature=1.0), mt_bench=mt_bench, progress=False)
+    m = read_manifest(part)
+    assert list(m["shards"]) == ["00000"] and not m["complete"]
+    calls["n"] = -100
+    m = build(model, tok, part, cfg(do_sample=True, temperature=1.0), mt_bench=mt_bench, progress=False)
+    assert m["complete"] and calls["n"] == -100 + 4  # shard 0 skipped: 2 shards x 2 batches
+    assert shard_hashes(part) == shard_hashes(full)
+
+
+def test_time_budget_stops_between_shards(tmp_path, model, tok, mt_bench):
+    m = build(model, tok, tmp_path / "d", cfg(), mt_bench=mt_bench, time_budget_s=1e-9, progress=False)
+    assert len(m["shards"]) == 1 and not m["complete"]  # the first shard always runs
+
+
+# -------------------------------------------------------------------------------------------- errors
+def test_mismatch_errors(tmp_path, model, tok, mt_bench):
+    d = tmp_path / "d"
+    build(model, tok, d, cfg(), mt_bench=mt_bench, progress=False)
+    other = tiny_llama(seed=1)
+    with pytest.raises(DataMismatchError, match="generated by LlamaForCausalLM.*lm_head_digest differ"):
+        build(other, tok, d, cfg(), mt_bench=mt_bench, progress=False)
+    with pytest.raises(DataMismatchError, match="lm_head_digest differ"):
+        SelfDistillData(d, other)
+    with pytest.raises(DataMismatchError, match="recipe differ"):
+        build(model, tok, d, cfg(max_new_tokens=5), mt_bench=mt_bench, progress=False)
+    small = tiny_llama(vocab=64)
+    with pytest.raises(DataMismatchError, match="tokenizer has 104 tokens but the model's vocabulary has 64"):
+        build(small, tok, tmp_path / "e", cfg(), mt_bench=mt_bench, progress=False)
+    # --overwrite starts afresh
+    m = build(model, tok, d, cfg(max_new_tokens=5), mt_bench=mt_bench, overwrite=True, progress=False)
+    assert m["recipe"]["max_new_tokens"] == 5
+
+
+def test_corrupt_and_empty_data(tmp_path, model, tok, mt_bench):
+    with pytest.raises(DataError, match="missing"):
+        SelfDistillData(tmp_path / "nothing")
+    d = tmp_path / "d"
+    build(model, tok, d, cfg(), mt_bench=mt_bench, progress=False)
+    shard = d / "shard-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:50])
+    with pytest.raises(DataError, match="shard-00001.safetensors: sha256 differs"):
+        SelfDistillData(d, model)
+    # a rebuild regenerates the damaged shard and nothing else
+    build(model, tok, d, cfg(), mt_bench=mt_bench, progress=False)
+    assert len(SelfDistillData(d, model)) == 12
+    (d / MANIFEST).write_text("{not json")
+    with pytest.raises(DataError, match="unreadable manifest"):
+        SelfDistillData(d)
+    with pytest.raises(DataError, match="empty"):
+        build(model, tok, tmp_path / "e", cfg(max_prompt_tokens=3), mt_bench=mt_bench, progress=False)
+
+
+def test_collate_masks_only_answers():
+    samples = [(torch.tensor([5, 6, 7, 8, 9]), 3), (torch.tensor([1, 2, 3]), 1)]
+    b = collate(samples, max_len=4)
+    assert b.input_ids.tolist() == [[5, 6, 7, 8], [1, 2, 3, 0]]
+    assert b.attention_mask.tolist() == [[True] * 4, [True, True, True, False]]
+    assert b.answer_mask.tolist() == [[False, False, False, True], [False, True, True, False]]
