@@ -1,0 +1,5 @@
+import sys
+
+from hydra_fast.train.cli import main
+
+sys.exit(main())
