@@ -144,6 +144,18 @@ def test_lr_schedule():
         recipes_for(["eagle"])
 
 
+def test_identity_prefix_init_starts_hydra_pp_at_the_base_lm_head(model, data, tmp_path):
+    t = Trainer(model, data, config(KINDS, eval_fraction=0.5), tmp_path, progress=False)
+    stats = t.evaluate()
+    for kind in ("hydra", "hydra++"):  # untrained heads of every kind score the base LM head on h_t
+        for a, b in zip(stats["medusa"], stats[kind]):
+            assert a["tokens"] == b["tokens"] and a["ce"] == pytest.approx(b["ce"], rel=1e-5)
+    copy = HeadRecipe("hydra++", num_layers=4, teacher_weight=1.0, prefix_init="copy")
+    t = Trainer(model, data, config(eval_fraction=0.5, recipes=(copy,)), tmp_path / "c", progress=False)
+    last = model.model.layers[-1].state_dict()
+    assert all(torch.equal(v, last[k]) for k, v in t.sets[0].heads.prefix_layer.state_dict().items())
+
+
 # ------------------------------------------------------------------------------------------------ loop
 def test_training_overfits_a_tiny_set(model, data, tmp_path):
     trainer = Trainer(model, data, config(["hydra"], steps=40), tmp_path, progress=False)

@@ -32,7 +32,8 @@ def write_card(directory, recipe: HeadRecipe, config: TrainConfig, manifest: dic
         "## Heads",
         f"- kind `{recipe.kind}`, {heads_cfg['num_heads']} heads x {heads_cfg['num_layers']} layers, "
         f"{'own LM heads' if heads_cfg['own_lm_head'] else 'shared (frozen) base LM head'}, "
-        f"{heads_cfg['dtype']}, {_size_mb(directory):.1f} MB",
+        f"{heads_cfg['dtype']}, {_size_mb(directory):.1f} MB"
+        f"{f', prefix layer init {recipe.prefix_init}' if recipe.kind == 'hydra++' else ''}",
         f"- base: {base['architecture']} ({base['model_type']}), hidden {base['hidden_size']}, vocab "
         f"{base['vocab_size']}, LM-head digest {base['lm_head_digest'][:12]}",
         "",

@@ -62,6 +62,9 @@ def add_fit_args(p: argparse.ArgumentParser) -> None:
                               ("num-layers", int, "MLP blocks per head (preset 1; 4 for hydra++)")):
         p.add_argument(f"--{name}", type=kind, default=None, help=help_ + "; overrides every kind's preset")
     p.add_argument("--own-lm-head", action="store_true", default=None, help="train an LM head per draft head")
+    p.add_argument("--prefix-init", choices=["identity", "copy"], default=None,
+                   help="hydra++ prefix layer start: identity (preset; the last layer with zeroed output "
+                        "projections) or copy (the base's last decoder layer)")
     p.add_argument("--warmup", type=float, default=0.05, help="warm-up fraction of the schedule")
     p.add_argument("--min-lr-ratio", type=float, default=0.1)
     p.add_argument("--weight-decay", type=float, default=0.0)
@@ -123,7 +126,8 @@ def train_config(args, kinds: list[str], **extra):
 
     recipes = recipes_for(kinds, lr=args.lr, teacher_weight=args.teacher_weight, head_decay=args.head_decay,
                           dropout=args.dropout, noise=args.noise, num_heads=args.num_heads,
-                          num_layers=args.num_layers, own_lm_head=args.own_lm_head)
+                          num_layers=args.num_layers, own_lm_head=args.own_lm_head,
+                          prefix_init=args.prefix_init)
     fields = dict(recipes=recipes, steps=args.steps, max_seconds=args.max_seconds, batch_size=args.batch_size,
                   grad_accum=args.grad_accum, max_len=args.max_len, warmup=args.warmup,
                   min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay, seed=args.seed,

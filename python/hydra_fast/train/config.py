@@ -20,8 +20,14 @@ class HeadRecipe:
     dropout: float = 0.0  # on the base hidden state the heads read
     noise: float = 0.0  # Gaussian input noise, std relative to each hidden state's RMS
     lr: float = 1e-3
+    # hydra++ prefix layer at step 0: "copy" = the base's last decoder layer (DraftHeads.from_base);
+    # "identity" = that copy with its residual branches' output projections zeroed, so it passes the base
+    # hidden state through and untrained heads start from the base LM head's predictions like the other kinds
+    prefix_init: str = "identity"
 
     def __post_init__(self):
+        if self.prefix_init not in ("copy", "identity"):
+            raise ValueError(f"prefix_init must be 'copy' or 'identity', got {self.prefix_init!r}")
         if self.kind not in KINDS:
             raise ValueError(f"unknown heads kind {self.kind!r}; known kinds: {', '.join(KINDS)}")
         if not 0.0 <= self.teacher_weight <= 1.0:

@@ -37,8 +37,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pack-dir", default=None, help="also write heads.tar.NNN parts (< 15 MiB) here")
     add_data_args(p)
     add_fit_args(p)
-    p.set_defaults(kinds="medusa,hydra,hydra++", steps=100_000, batch_size=16, max_len=768, gen_batch_size=128,
-                   shard_size=256, eval_fraction=0.03, ckpt_every=0, log_every=20)
+    # HF generate on a small model is bound by host time per step, not by batch size: big batches are cheap
+    p.set_defaults(kinds="medusa,hydra,hydra++", steps=100_000, batch_size=16, max_len=768, gen_batch_size=512,
+                   shard_size=512, eval_fraction=0.03, ckpt_every=0, log_every=20)
 
 
 def _sources(args) -> list[str]:
@@ -69,6 +70,8 @@ def _pack(out: Path, saved: dict, pack_dir: Path) -> list[str]:
             part.write_bytes(chunk)
             parts.append(part.name)
     tar_path.unlink()
+    if (out / "summary.json").exists():
+        (pack_dir / "summary.json").write_bytes((out / "summary.json").read_bytes())
     return parts
 
 

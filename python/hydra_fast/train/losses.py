@@ -91,8 +91,9 @@ class HeadsObjective(nn.Module):
             ce = F.nll_loss(logp, labels, reduction="sum")
             kl = torch.zeros_like(ce)
             if targets.teacher_logp is not None:
-                t = targets.teacher_logp[targets.teacher_rows[i]]  # [N_i, V]
-                kl = F.kl_div(logp, t, log_target=True, reduction="sum")
+                with torch.set_grad_enabled(torch.is_grad_enabled() and w_t > 0):  # else: only logged
+                    t = targets.teacher_logp[targets.teacher_rows[i]]  # [N_i, V]
+                    kl = F.kl_div(logp, t, log_target=True, reduction="sum")
             elif w_t > 0:
                 raise ValueError(f"the {self.recipe.kind} recipe has a teacher loss but no teacher targets were made")
             loss = ((1.0 - w_t) * ce + w_t * kl) / max(n, 1)
