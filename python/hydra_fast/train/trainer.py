@@ -27,7 +27,7 @@ from hydra_fast.train.card import write_card
 from hydra_fast.train.config import HeadRecipe, TrainConfig
 from hydra_fast.train.dataset import Batch, SelfDistillData, collate
 from hydra_fast.train.losses import STATS, HeadsObjective, make_targets
-from hydra_fast.train.metrics import MetricsLog, summarize
+from hydra_fast.train.metrics import MetricsLog
 
 
 def kind_dirname(kind: str) -> str:
@@ -65,8 +65,8 @@ class HeadSet:
     model: torch.nn.Module  # objective, or DDP(objective)
     optimizer: torch.optim.Optimizer
     generator: torch.Generator  # dropout and input noise
-    stats: torch.Tensor  # [H, len(STATS)] sums since the last log
-    loss_sum: float = 0.0
+    stats: torch.Tensor  # [H, len(STATS)] sums since the last log, on the device (no per-step host sync)
+    loss_sum: torch.Tensor  # [] on the device
     failed: str | None = None
 
     @property
@@ -114,7 +114,8 @@ class Trainer:
                                 weight_decay=self.config.weight_decay)
         gen = torch.Generator(device=self.device)
         gen.manual_seed(self.config.seed * 1009 + self.dist.rank)
-        return HeadSet(recipe, objective, model, opt, gen, torch.zeros(recipe.num_heads, len(STATS)))
+        stats = torch.zeros(recipe.num_heads, len(STATS), device=self.device)
+        return HeadSet(recipe, objective, model, opt, gen, stats, torch.zeros((), device=self.device))
 
     def _expect(self) -> dict:
         heads = {r.kind: {"num_heads": s.heads.config.num_heads, "num_layers": s.heads.config.num_layers,
@@ -147,7 +148,7 @@ class Trainer:
 
     @torch.no_grad()
     def _base_forward(self, batch: Batch, teacher: bool):
-        with torch.autocast("cuda", torch.bfloat16, enabled=self.autocast):
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
             hidden = self.decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
             if not self.autocast:
                 hidden = hidden.float()
@@ -163,7 +164,7 @@ class Trainer:
     def _run_set(self, s: HeadSet, batch, hidden, pe, targets, train: bool, sync: bool = True):
         ctx = s.model.no_sync() if (train and not sync and self.dist.enabled) else contextlib.nullcontext()
         module = s.model if train else s.objective
-        with ctx, torch.autocast("cuda", torch.bfloat16, enabled=self.autocast):
+        with ctx, torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
             loss, stats = module(hidden, batch.input_ids, batch.attention_mask, pe, targets, self.embed,
                                  self.lm_head, s.generator)
             if train:
@@ -184,8 +185,8 @@ class Trainer:
                         raise
                     self._fail(s, traceback.format_exc())
                     continue
-                s.stats += stats.cpu()[: s.stats.shape[0]]
-                s.loss_sum += float(loss) / accum
+                s.stats += stats
+                s.loss_sum += loss / accum
         for s in self.active:
             if self.config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(s.objective.parameters(), self.config.grad_clip)
@@ -203,11 +204,11 @@ class Trainer:
     def _log(self, lr_mult: float, elapsed: float, steps_since: int) -> dict[str, str]:
         postfix = {}
         for s in self.sets:
-            stats = du.all_reduce_sum(s.stats.to(self.device, copy=True), self.dist).cpu()
-            loss = du.all_reduce_sum(torch.tensor([s.loss_sum], device=self.device), self.dist).item()
+            stats = du.all_reduce_sum(s.stats.clone(), self.dist).cpu()
+            loss = du.all_reduce_sum(s.loss_sum.clone().view(1), self.dist).item()
             loss /= max(steps_since, 1) * self.dist.world
             s.stats.zero_()
-            s.loss_sum = 0.0
+            s.loss_sum.zero_()
             if s.failed is None:
                 heads = self.metrics.log(self.step, "train", s.recipe.kind, stats, loss, s.recipe.lr * lr_mult,
                                          elapsed)
