@@ -287,7 +287,7 @@ def test_cli_data_and_fit(model_dir, tmp_path, capsys):
 def test_default_heads_pipeline(model_dir, tmp_path, capsys):
     args = ["default-heads", "--model", str(model_dir), "--device", "cpu", "--quiet", "--out", str(tmp_path / "o"),
             "--source", "builtin:12", "--max-new-tokens", "12", "--gen-batch-size", "6", "--shard-size", "6",
-            "--batch-size", "4", "--time-budget", "14", "--reserve", "3", "--pack-dir", str(tmp_path / "pack")]
+            "--batch-size", "4", "--time-budget", "10", "--reserve", "3", "--pack-dir", str(tmp_path / "pack")]
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     for kind, folder in (("medusa", "medusa"), ("hydra", "hydra"), ("hydra++", "hydra_pp")):

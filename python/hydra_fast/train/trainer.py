@@ -102,9 +102,10 @@ class Trainer:
         heads = DraftHeads.from_base(self.base, recipe.kind, num_heads=recipe.num_heads,
                                      num_layers=recipe.num_layers, own_lm_head=recipe.own_lm_head)
         if heads.prefix_layer is not None and recipe.prefix_init == "identity":
-            if zero_residual_branches_(heads.prefix_layer) != 2:
-                print(f"hydra_fast.train: {type(heads.prefix_layer).__name__} has no o_proj/down_proj pair; the "
-                      "prefix layer starts as a copy of the base's last layer", file=sys.stderr)
+            zeroed = zero_residual_branches_(heads.prefix_layer)
+            if zeroed != 2:
+                print(f"hydra_fast.train: {type(heads.prefix_layer).__name__} has {zeroed} o_proj/down_proj "
+                      "projections, not 2: the prefix layer does not start as an identity", file=sys.stderr)
         objective = HeadsObjective(heads.to(self.device, torch.float32), recipe)  # fp32 master weights
         model = objective
         if self.dist.enabled:
