@@ -447,7 +447,7 @@ def small_inputs(op: str, device, seed: int = 0):
         return make_attention_inputs(2, 4, 2, 5, 16, 64, [3, 9], torch.float32, device, seed_of(op, seed))
     if op == "draft_head_mlp":
         return make_mlp_inputs(6, 16, 2, 30, 2, "weight+bias", torch.float32, device, seed_of(op, seed))
-    tree = random_tree(7, gen, max_depth=3)
+    tree = random_tree(7, generator(seed_of("small-tree", op)), max_depth=3)  # one shape for every seed
     B, N, V = 2, 7, 19
     logits = randn((B, N, V), torch.float32, device, gen)
     parent_argmax = logits.argmax(-1)[:, torch.tensor(tree.parents, device=device).clamp(min=0)]
