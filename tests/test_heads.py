@@ -83,8 +83,8 @@ def test_untrained_own_lm_head_copies_base(llama):
         torch.testing.assert_close(heads.logits(i, y, lm_head), lm_head(x), atol=1e-6, rtol=0)
 
 
-def test_prefix_layer_starts_as_the_last_decoder_layer(llama):
-    heads = DraftHeads.from_base(llama, "hydra++")
+def test_prefix_layer_copy_init_is_the_last_decoder_layer(llama):
+    heads = DraftHeads.from_base(llama, "hydra++", prefix_init="copy")
     last = llama.model.layers[-1]
     assert type(heads.prefix_layer) is type(last)
     # built on the live base config: use_tree_attention(base) switches the prefix layer's attention too
@@ -99,6 +99,19 @@ def test_prefix_layer_starts_as_the_last_decoder_layer(llama):
     out = llama.model.norm(heads._prefix(hs[-2], pe, None))
     torch.testing.assert_close(out, hs[-1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(heads._prefix(hs[-2], pe, torch.ones(2, 9)), heads._prefix(hs[-2], pe, None))
+
+
+def test_prefix_layer_identity_init_passes_hidden_states_through(llama):
+    heads = DraftHeads.from_base(llama, "hydra++")  # prefix_init="identity"
+    last = llama.model.layers[-1]
+    assert torch.equal(heads.prefix_layer.self_attn.q_proj.weight, last.self_attn.q_proj.weight)
+    assert not heads.prefix_layer.self_attn.o_proj.weight.any() and not heads.prefix_layer.mlp.down_proj.weight.any()
+    hidden = torch.randn(2, 9, 64)
+    pos = torch.arange(9).view(1, 9).expand(2, 9)
+    out = heads._prefix(hidden, llama.model.rotary_emb(hidden, pos), None)
+    torch.testing.assert_close(out, hidden)
+    with pytest.raises(ValueError, match="prefix_init"):
+        DraftHeads.from_base(llama, "hydra++", prefix_init="random")
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -182,10 +182,15 @@ class DraftHeads(nn.Module):
 
     @classmethod
     def from_base(cls, base_model: nn.Module, kind: str, num_heads: int = 4, num_layers: int | None = None,
-                  own_lm_head: bool = False) -> DraftHeads:
+                  own_lm_head: bool = False, prefix_init: str = "identity") -> DraftHeads:
         """Untrained heads on the base's device and dtype: each reproduces the base LM head's prediction.
 
-        The Hydra++ prefix layer starts as a copy of the base's last decoder layer."""
+        The Hydra++ prefix layer starts as a copy of the base's last decoder layer; with ``prefix_init``
+        "identity" (default) its attention and MLP output projections are zeroed so it passes its input
+        through unchanged (that layer was trained on un-normalised inputs; fed the final normed hidden
+        states, a plain copy scrambles them); "copy" keeps the copy as is."""
+        if prefix_init not in ("identity", "copy"):
+            raise ValueError(f"prefix_init must be 'identity' or 'copy', got {prefix_init!r}")
         lm_head = base_model.get_output_embeddings()
         fp = fingerprint(base_model)
         config = HeadsConfig(kind=kind, hidden_size=fp.hidden_size, vocab_size=fp.vocab_size, base=fp,
@@ -199,6 +204,9 @@ class DraftHeads(nn.Module):
                     head.lm_head.weight.copy_(lm_head.weight)
             if heads.prefix_layer is not None:
                 heads.prefix_layer.load_state_dict(_decoder_layers(base_model)[-1].state_dict())
+                if prefix_init == "identity" and zero_residual_branches_(heads.prefix_layer) != 2:
+                    raise ValueError(f"{type(heads.prefix_layer).__name__} does not have exactly one o_proj and "
+                                     "one down_proj: pass prefix_init='copy'")
         return heads.to(device=lm_head.weight.device, dtype=lm_head.weight.dtype)
 
     def logits(self, i: int, x: torch.Tensor, base_lm_head) -> torch.Tensor:
@@ -408,3 +416,17 @@ def _decoder_layers(base_model: nn.Module) -> nn.ModuleList:
     if decoder is None:
         decoder = getattr(base_model, base_model.base_model_prefix)
     return decoder.layers
+
+
+@torch.no_grad()
+def zero_residual_branches_(layer: nn.Module) -> int:
+    """Zero a decoder layer's attention and MLP output projections (o_proj, down_proj in the Llama-style
+    families) so the layer maps its input to itself. Returns how many projections were zeroed."""
+    zeroed = 0
+    for name, module in layer.named_modules():
+        if name.rsplit(".", 1)[-1] in ("o_proj", "down_proj") and isinstance(module, nn.Linear):
+            module.weight.zero_()
+            if module.bias is not None:
+                module.bias.zero_()
+            zeroed += 1
+    return zeroed

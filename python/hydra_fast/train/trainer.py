@@ -35,20 +35,6 @@ def kind_dirname(kind: str) -> str:
     return kind.replace("++", "_pp")
 
 
-@torch.no_grad()
-def zero_residual_branches_(layer: torch.nn.Module) -> int:
-    """Zero the output projections of a decoder layer's attention and MLP (o_proj, down_proj in the HF
-    Llama-style families) so the layer maps its input to itself. Returns how many were zeroed."""
-    zeroed = 0
-    for name, module in layer.named_modules():
-        if name.rsplit(".", 1)[-1] in ("o_proj", "down_proj") and isinstance(module, torch.nn.Linear):
-            module.weight.zero_()
-            if module.bias is not None:
-                module.bias.zero_()
-            zeroed += 1
-    return zeroed
-
-
 def lr_multiplier(progress: float, warmup: float, min_ratio: float) -> float:
     """Linear warm-up over the first ``warmup`` of the schedule, then cosine down to ``min_ratio``."""
     progress = min(max(progress, 0.0), 1.0)
@@ -100,12 +86,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ setup
     def _make_set(self, recipe: HeadRecipe) -> HeadSet:
         heads = DraftHeads.from_base(self.base, recipe.kind, num_heads=recipe.num_heads,
-                                     num_layers=recipe.num_layers, own_lm_head=recipe.own_lm_head)
-        if heads.prefix_layer is not None and recipe.prefix_init == "identity":
-            zeroed = zero_residual_branches_(heads.prefix_layer)
-            if zeroed != 2:
-                print(f"hydra_fast.train: {type(heads.prefix_layer).__name__} has {zeroed} o_proj/down_proj "
-                      "projections, not 2: the prefix layer does not start as an identity", file=sys.stderr)
+                                     num_layers=recipe.num_layers, own_lm_head=recipe.own_lm_head,
+                                     prefix_init=recipe.prefix_init)
         objective = HeadsObjective(heads.to(self.device, torch.float32), recipe)  # fp32 master weights
         model = objective
         if self.dist.enabled:
