@@ -1,0 +1,103 @@
+"""bench/bench_decode.py and bench/bench_step.py run end to end on the CPU and write the JSON the lead reads.
+
+A tiny random Llama (no download), 2 prompts x 8 new tokens, and bench_step's tiny config: well under a minute.
+One CPU thread each: on a shared 2-core machine more threads only add contention. The benchmarks run on the GPU.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(args: list[str], timeout: int) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "python"), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_bench_decode_tiny_random_cpu(tmp_path):
+    out = tmp_path / "decode.json"
+    answers = tmp_path / "answers"
+    proc = _run([str(REPO / "bench" / "bench_decode.py"), "--tiny-random", "--device", "cpu", "--threads", "1",
+                 "--num-prompts", "2", "--hf-prompts", "2", "--split-prompts", "1", "--max-new-tokens", "8",
+                 "--methods", "hf,hf_static,hf_static_compile,plain,medusa,hydra,hydra++", "--tree", "tiny",
+                 "--json", str(out), "--answers-dir", str(answers), "--deadline-s", "100"], timeout=150)
+    assert "| method |" in proc.stdout and out.with_suffix(".md").exists()
+
+    report = json.loads(out.read_text())
+    for key in ("meta", "methods", "per_prompt", "targets", "notes", "stopped_early"):
+        assert key in report, key
+    assert report["stopped_early"] is None
+    for key in ("date", "torch", "device", "model", "dtype", "tree", "max_new_tokens", "max_cache_len", "elapsed_s"):
+        assert key in report["meta"], key
+    methods = report["methods"]
+    assert "hf_static_compile" not in methods and "hf_static_compile" in report["notes"]  # off on CPU by default
+    for name in ("hf", "hf_static", "plain", "medusa", "hydra", "hydra++"):
+        m = methods[name]
+        assert "error" not in m, (name, m["error"])
+        assert m["prompts"] == 2 and m["tok_s"] > 0 and m["new_tokens"] == 16, (name, m)
+        assert len(report["per_prompt"][name]) == 2
+    for name in ("plain", "medusa", "hydra", "hydra++"):
+        m = methods[name]
+        hist = m["accept_hist"]
+        assert sum(hist) == m["steps"] and sum((i + 1) * c for i, c in enumerate(hist)) >= 14  # >= 8 - 1 per prompt
+        assert 1.0 <= m["tau"] <= len(hist)
+        split = m["split"]
+        for key in ("draft_ms", "verify_ms", "accept_ms", "host_ms", "step_device_ms", "step_wall_ms"):
+            assert split[key] >= 0, (name, key, split)
+        assert set(m["speedup"]) >= {"hf", "hf_static"}
+        # greedy speculative decoding reproduces HF greedy token for token (fp32, CPU)
+        assert m["agreement"]["vs_hf"]["identical"] == 2, (name, m["agreement"])
+    assert methods["hydra++"]["heads"] == "untrained"
+    assert methods["plain"]["accept_hist"][1:] == [0] * (len(methods["plain"]["accept_hist"]) - 1)
+    assert [t["target"] for t in report["targets"]] == ["hydra++ >= 2.0x hf"]
+
+    lines = (answers / "tiny-random-llama-hydrapp.jsonl").read_text().splitlines()
+    row = json.loads(lines[0])
+    choice = row["choices"][0]
+    assert len(lines) == 2 and {"question_id", "model_id", "choices"} <= set(row)
+    assert len(choice["turns"]) == 1 and choice["new_tokens"] == [8] and sum(choice["accept_lengths"][0]) >= 7
+
+
+def test_bench_step_tiny_cpu(tmp_path):
+    out = tmp_path / "step.json"
+    proc = _run([str(REPO / "bench" / "bench_step.py"), "--device", "cpu", "--tiny", "--threads", "1",
+                 "--sizes", "1,4,16", "--budget-s", "0.05", "--min-reps", "3", "--json", str(out),
+                 "--deadline-s", "60"], timeout=120)
+    assert "Hydra++ tree" in proc.stdout and out.with_suffix(".md").exists()
+
+    report = json.loads(out.read_text())
+    assert report["stopped_early"] is None
+    meta = report["meta"]
+    assert meta["copy"]["GBps"] > 0 and meta["matmul"]["TFLOPs"] > 0 and meta["tau_assumed"] == 3.70
+    tiny = report["models"]["tiny"]
+    assert tiny["streamed_bytes"] < tiny["param_bytes"] and tiny["heads_bytes"] > 0  # input embedding not streamed
+    plain = tiny["plain"]
+    for key in ("device_ms", "wall_ms", "floor_ms", "x_floor", "pct_bw", "tok_s"):
+        assert plain[key] > 0, key
+    trees = {t["tree"]: t for t in tiny["trees"]}
+    assert list(trees) == ["greedy(1)", "greedy(4)", "greedy(16)", "mc_sim_7b_63"]
+    for name, t in trees.items():
+        assert "error" not in t, (name, t["error"])
+        for key in ("device_ms", "wall_ms", "draft_ms", "verify_ms", "accept_ms", "host_ms", "x_plain", "floor_ms",
+                    "proj_tok_s"):
+            assert t[key] >= 0, (name, key)
+    assert [trees[n]["nodes"] for n in trees] == [1, 4, 16, 64]
+    assert tiny["target"]["x_plain"] == trees["mc_sim_7b_63"]["x_plain"]
+
+
+def test_greedy_tree_is_valid():
+    sys.path.insert(0, str(REPO / "bench"))
+    sys.path.insert(0, str(REPO / "python"))
+    from bench_decode import greedy_tree
+    from hydra_fast.tree import Tree
+
+    for n in (1, 2, 4, 8, 16, 32, 64, 128):
+        tree = Tree.from_choices(greedy_tree(n))  # raises if a node's parent is missing
+        assert tree.num_nodes == n and tree.max_depth <= 4
