@@ -32,6 +32,7 @@ Outputs accept_cuda(const char* op, bool typical, const at::Tensor& logits, cons
 
   const c10::cuda::CUDAGuard guard(logits.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int sms = cuda_glue::sm_count(logits.get_device());
 
   kernels::AcceptParams p{};
   p.logits = logits.const_data_ptr();
@@ -70,8 +71,8 @@ Outputs accept_cuda(const char* op, bool typical, const at::Tensor& logits, cons
 
   cudaError_t err = cudaSuccess;
   HF_DTYPE_SWITCH(logits.scalar_type(), T, [&] {
-    err = typical ? kernels::launch_accept<T, true>(p, vec16, stream)
-                  : kernels::launch_accept<T, false>(p, vec16, stream);
+    err = typical ? kernels::launch_accept<T, true>(p, vec16, sms, stream)
+                  : kernels::launch_accept<T, false>(p, vec16, sms, stream);
   });
   TORCH_CHECK(err == cudaSuccess, "hydra_fast.", op, ": CUDA launch failed: ", cudaGetErrorString(err));
   return {accept_len, out_tokens, accepted_nodes};

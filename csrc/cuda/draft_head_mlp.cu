@@ -1,5 +1,6 @@
-// CUDA glue of draft_head_mlp: checks, device guard, current stream, per-block path and split choice, one
-// launch per block (the embedding gather, bias, SiLU and residual are fused into it). See
+// CUDA glue of draft_head_mlp: checks, device guard, current stream, per-block path and split choice. Up to 8
+// rows (fp16/bf16, aligned, d % 32 == 0): one fused launch per block (embedding gather, GEMM, bias, SiLU and
+// residual). Otherwise: gather once, cuBLAS GEMMs (at::addmm), one SiLU + residual launch. See
 // kernels/draft_head_mlp.cuh.
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -23,23 +24,45 @@ bool rows16(const at::Tensor& t) {
          cuda_glue::ptr_aligned(t.const_data_ptr(), 16);
 }
 
+// The fused weight-streaming kernel serves up to this many rows; above it cuBLAS's GEMMs are faster (H200).
+constexpr int64_t kFusedMaxRows = 8;
+
 struct SplitPlan {
   int ksplit, split_len;
 };
 
-// K splits: about two CTAs per multiprocessor, but fp32 partial sums at most about half the weight bytes
-// (K / (4 Rp) splits) and at least 4 slabs of 32 per split.
-SplitPlan plan_splits(int64_t K, int64_t d, int64_t Rp, int64_t row_groups, int sms) {
+// K splits: as many as fill one wave of the CTAs resident at once (`slots`; a partial second wave would
+// double the time), but fp32 partial sums no larger than half the weight bytes or 4 MB (K / (4 Rp) splits,
+// or more for small layers), and at least 2 slabs of 32 per split.
+SplitPlan plan_splits(int64_t K, int64_t d, int64_t Rp, int64_t row_groups, int64_t slots) {
   const int64_t slabs = K / 32;
   const int64_t ftiles = (d + kernels::kMlpFeatures - 1) / kernels::kMlpFeatures;
   const int64_t base = ftiles * row_groups;
-  int64_t ks = (2 * sms + base - 1) / base;
-  ks = std::min<int64_t>(ks, std::max<int64_t>(1, K / (4 * Rp)));
-  ks = std::min<int64_t>(ks, std::max<int64_t>(1, slabs / 4));
+  int64_t ks = std::max<int64_t>(1, slots / base);
+  const int64_t part_cap = std::max<int64_t>(K / (4 * Rp), (int64_t(4) << 20) / (8 * Rp * d));
+  ks = std::min<int64_t>(ks, std::max<int64_t>(1, part_cap));
+  ks = std::min<int64_t>(ks, std::max<int64_t>(1, slabs / 2));
   ks = std::clamp<int64_t>(ks, 1, 1024);
   const int64_t per = (slabs + ks - 1) / ks;  // slabs per split
   ks = (slabs + per - 1) / per;               // no empty splits
   return {static_cast<int>(ks), static_cast<int>(per * 32)};
+}
+
+// CTAs of the tensor-core kernel resident per multiprocessor.
+template <typename T, bool kHasRes>
+int fast_per_sm(int R) {
+  if constexpr (sizeof(T) == 2) {
+    const int nt = kernels::mlp_row_tile(R) / 8;
+    int n = 0;
+    const cudaError_t err = HF_POW2_UPTO8_SWITCH(nt, kNT, [&] {
+      return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernels::mlp_block_mma_kernel<T, kNT, kHasRes>,
+                                                           kernels::kMlpWarps * 32, 0);
+    });
+    TORCH_CHECK(err == cudaSuccess, "hydra_fast.draft_head_mlp: occupancy query failed: ", cudaGetErrorString(err));
+    return std::max(n, 1);
+  } else {
+    return 1;
+  }
 }
 
 template <typename T, bool kHasRes>
@@ -77,7 +100,6 @@ at::Tensor draft_head_mlp_cuda(const at::Tensor& hidden, const at::Tensor& path_
   std::vector<kernels::MlpBlockParams> plans(nblocks);
   std::vector<bool> fast(nblocks);
   int64_t counters_needed = 0, part_needed = 0;
-  at::Tensor prev;  // previous block's output
   std::vector<at::Tensor> outs(nblocks);
   for (size_t i = 0; i < nblocks; ++i) {
     const bool first = i == 0;
@@ -117,10 +139,13 @@ at::Tensor draft_head_mlp_cuda(const at::Tensor& hidden, const at::Tensor& path_
     p.Rp = static_cast<int>(Rp);
     p.ksplit = 1;
     p.split_len = p.K;
-    fast[i] = half_type && d % 32 == 0 && rows16(x) && (p.k == 0 || rows16(embed)) && rows16(weights[i]) &&
-              (!has_res || rows16(*res_weight));
+    fast[i] = R <= kFusedMaxRows && half_type && d % 32 == 0 && rows16(x) && (p.k == 0 || rows16(embed)) &&
+              rows16(weights[i]) && (!has_res || rows16(*res_weight));
     if (fast[i]) {
-      const SplitPlan sp = plan_splits(p.K, d, Rp, row_groups, sms);
+      const int per_sm = HF_DTYPE_SWITCH(hidden.scalar_type(), T, [&] {
+        return HF_BOOL_SWITCH(has_res, kHasRes, [&] { return fast_per_sm<T, kHasRes>(static_cast<int>(R)); });
+      });
+      const SplitPlan sp = plan_splits(p.K, d, Rp, row_groups, static_cast<int64_t>(per_sm) * sms);
       p.ksplit = sp.ksplit;
       p.split_len = sp.split_len;
       if (p.ksplit > 1) {
@@ -138,18 +163,43 @@ at::Tensor draft_head_mlp_cuda(const at::Tensor& hidden, const at::Tensor& path_
   int64_t counter_off = 0;
   for (size_t i = 0; i < nblocks; ++i) {
     kernels::MlpBlockParams& p = plans[i];
-    if (p.ksplit > 1) {
-      p.counters = counters.mutable_data_ptr<int>() + counter_off;
-      p.part = part.mutable_data_ptr<float>();
-      counter_off += ftiles * row_groups;
-    }
     const bool has_res = p.wr != nullptr;
     cudaError_t err = cudaSuccess;
-    HF_DTYPE_SWITCH(hidden.scalar_type(), T, [&] {
-      err = HF_BOOL_SWITCH(has_res, kHasRes, [&] {
-        return fast[i] ? launch_fast<T, kHasRes>(p, stream) : kernels::launch_mlp_block_simt<T, kHasRes>(p, stream);
+    if (fast[i]) {
+      if (p.ksplit > 1) {
+        p.counters = counters.mutable_data_ptr<int>() + counter_off;
+        p.part = part.mutable_data_ptr<float>();
+        counter_off += ftiles * row_groups;
+      }
+      HF_DTYPE_SWITCH(hidden.scalar_type(), T, [&] {
+        err = HF_BOOL_SWITCH(has_res, kHasRes, [&] { return launch_fast<T, kHasRes>(p, stream); });
       });
-    });
+    } else {
+      // GEMM path: x gathered once if needed ([R, K]), y = W x + b and res = Wr x + br through cuBLAS
+      // (fp32 accumulation, outputs rounded to the input dtype as in the reference), then SiLU + residual.
+      const bool first = i == 0;
+      at::Tensor x = first ? hidden : outs[i - 1];
+      if (first && k > 0) {
+        at::Tensor gathered = at::empty({R, (k + 1) * d}, hidden.options());  // [R, (k+1)d]
+        HF_DTYPE_SWITCH(hidden.scalar_type(), T, [&] {
+          err = kernels::launch_mlp_gather<T>(p, static_cast<T*>(gathered.mutable_data_ptr()), stream);
+        });
+        TORCH_CHECK(err == cudaSuccess, "hydra_fast.draft_head_mlp: CUDA launch failed: ", cudaGetErrorString(err));
+        x = gathered;
+      }
+      const at::Tensor y = at::addmm(biases[i], x, weights[i].t());  // [R, d]
+      at::Tensor res = x;                                             // [R, d] (k == 0 when no residual weight)
+      if (has_res) {
+        res = res_bias.has_value() ? at::addmm(*res_bias, x, res_weight->t()) : at::mm(x, res_weight->t());
+      }
+      HF_DTYPE_SWITCH(hidden.scalar_type(), T, [&] {
+        // (void* accessors: libtorch instantiates the typed ones for at::Half / at::BFloat16, not CUDA's types)
+        err = kernels::launch_mlp_silu_residual<T>(static_cast<const T*>(y.const_data_ptr()),
+                                                   static_cast<const T*>(res.const_data_ptr()), res.stride(0),
+                                                   res.stride(1), static_cast<T*>(outs[i].mutable_data_ptr()), p.R,
+                                                   p.d, stream);
+      });
+    }
     TORCH_CHECK(err == cudaSuccess, "hydra_fast.draft_head_mlp: CUDA launch failed: ", cudaGetErrorString(err));
   }
   return out;

@@ -13,21 +13,32 @@
 namespace hydra_fast {
 namespace {
 
-// Enough CTAs for about two per multiprocessor, but chunks of at least kMinChunk positions so that the
-// partial rows (fp32) stay small next to the K/V bytes they summarise.
-int choose_chunks(int64_t base_ctas, int64_t S, int sms) {
+// KV chunks per (row tile, kv head, b): as many as fill one wave of the CTAs that are resident at once (a
+// second, mostly empty wave would double the time), but chunks of at least kMinChunk positions so that the
+// fp32 partial rows stay small next to the K/V bytes they summarise.
+int choose_chunks(int64_t base_ctas, int64_t S, int sms, int per_sm) {
   constexpr int64_t kMinChunk = 128;
-  const int64_t want = std::max<int64_t>(1, (2 * sms + base_ctas - 1) / base_ctas);
+  const int64_t want = std::max<int64_t>(1, (int64_t(per_sm) * sms) / base_ctas);
   const int64_t by_len = std::max<int64_t>(1, (S + kMinChunk - 1) / kMinChunk);
-  return static_cast<int>(std::min<int64_t>({want, by_len, 256}));
+  return static_cast<int>(std::min<int64_t>({want, by_len, int64_t(kernels::kMaxChunks)}));
 }
 
+// The fast path's kernels for 16-bit types (float never takes it).
 template <typename T>
 cudaError_t launch_mma(const kernels::TreeAttnParams& p, cudaStream_t stream) {
   if constexpr (sizeof(T) == 2) {
     return HF_HEADDIM_SWITCH(p.D, kD, [&] { return kernels::launch_tree_attn_mma<T, kD>(p, stream); });
   } else {
-    return cudaErrorInvalidValue;  // not reached: the fast path is chosen for 16-bit types only
+    return cudaErrorInvalidValue;
+  }
+}
+
+template <typename T>
+cudaError_t mma_per_sm(int D, int* per_sm) {
+  if constexpr (sizeof(T) == 2) {
+    return HF_HEADDIM_SWITCH(D, kD, [&] { return kernels::tree_attn_mma_per_sm<T, kD>(per_sm); });
+  } else {
+    return cudaErrorInvalidValue;
   }
 }
 
@@ -85,7 +96,14 @@ at::Tensor tree_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, c
                     cuda_glue::rows_vector_aligned(v_cache, 8);
   const int rows_per_cta = fast ? 64 : kernels::kSimtRows;
   p.row_tiles = static_cast<int>((p.rows + rows_per_cta - 1) / rows_per_cta);
-  p.num_chunks = choose_chunks(B * Hkv * p.row_tiles, S, sms);
+  const int dpl = static_cast<int>((D + 31) / 32);
+  int per_sm = 0;
+  cudaError_t err = HF_DTYPE_SWITCH(q.scalar_type(), T, [&] {
+    return fast ? mma_per_sm<T>(p.D, &per_sm)
+                : HF_POW2_UPTO8_SWITCH(dpl, kDPL, [&] { return kernels::tree_attn_simt_per_sm<T, kDPL>(&per_sm, p.D); });
+  });
+  TORCH_CHECK(err == cudaSuccess, "hydra_fast.tree_attention: occupancy query failed: ", cudaGetErrorString(err));
+  p.num_chunks = choose_chunks(B * Hkv * p.row_tiles, S, sms, std::max(per_sm, 1));
   TORCH_CHECK(static_cast<int64_t>(p.row_tiles) * p.num_chunks <= 0x7fffffff,
               "hydra_fast.tree_attention: too many query rows for one launch");
 
@@ -98,12 +116,10 @@ at::Tensor tree_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, c
     p.part_ml = reinterpret_cast<float2*>(part_ml.mutable_data_ptr<float>());
   }
 
-  cudaError_t err = cudaSuccess;
   HF_DTYPE_SWITCH(q.scalar_type(), T, [&] {
     if (fast) {
       err = launch_mma<T>(p, stream);
     } else {
-      const int dpl = static_cast<int>((D + 31) / 32);
       err = HF_POW2_UPTO8_SWITCH(dpl, kDPL, [&] { return kernels::launch_tree_attn_simt<T, kDPL>(p, stream); });
     }
     if (err == cudaSuccess && p.num_chunks > 1) err = kernels::launch_tree_attn_combine<T>(p, stream);

@@ -13,8 +13,12 @@
 // a plain 16-byte vector and no shuffles or shared memory are needed. With several K splits the CTAs write
 // fp32 partial sums and the last CTA of each tile (a device-scope counter) adds them and runs the epilogue.
 //
-// mlp_block_simt_kernel (any dtype, any d, any strides): one warp per (output feature, 8 rows).
+// Otherwise (R > 8, fp32, d % 32 != 0, unaligned rows) the glue gathers x once (mlp_gather_kernel), runs the
+// GEMMs through cuBLAS (at::addmm, bias fused) and applies SiLU + residual in mlp_silu_residual_kernel:
+// for R > 8 cuBLAS's tensor-core GEMMs beat this weight-streaming kernel on the H200.
 #pragma once
+
+#include <algorithm>
 
 #include "common.cuh"
 
@@ -59,16 +63,30 @@ __device__ __forceinline__ const T* input_row(const MlpBlockParams& p, int r, in
 }
 
 // out[r, f] = res + silu(acc + bias[f]); res = acc_res + rbias[f] (learned residual) or x[r, f].
+// Split in two so that callers issue every load of a batch of outputs before the first store (a store to
+// `out` could alias the inputs as far as the compiler knows, which would serialise load, store, load...).
+struct EpilogueIn {
+  float bias, res;  // bias[f]; rbias[f] (learned residual) or x[r, f]
+};
+
 template <typename T, bool kHasRes>
-__device__ __forceinline__ void mlp_epilogue(const MlpBlockParams& p, int r, int f, float acc, float acc_res) {
-  const float v = acc + to_float(static_cast<const T*>(p.bias)[f * p.bs]);
-  const float y = v / (1.f + __expf(-v));
-  float res;
+__device__ __forceinline__ EpilogueIn mlp_epilogue_load(const MlpBlockParams& p, int r, int f) {
+  EpilogueIn in;
+  in.bias = to_float(static_cast<const T*>(p.bias)[f * p.bs]);
   if constexpr (kHasRes) {
-    res = acc_res + (p.rbias != nullptr ? to_float(static_cast<const T*>(p.rbias)[f * p.rbs]) : 0.f);
+    in.res = p.rbias != nullptr ? to_float(static_cast<const T*>(p.rbias)[f * p.rbs]) : 0.f;
   } else {
-    res = to_float(static_cast<const T*>(p.x)[r * p.xs0 + f * p.xs1]);
+    in.res = to_float(static_cast<const T*>(p.x)[r * p.xs0 + f * p.xs1]);
   }
+  return in;
+}
+
+template <typename T, bool kHasRes>
+__device__ __forceinline__ void mlp_epilogue_store(const MlpBlockParams& p, int r, int f, const EpilogueIn& in,
+                                                   float acc, float acc_res) {
+  const float v = acc + in.bias;
+  const float y = v / (1.f + __expf(-v));
+  const float res = kHasRes ? acc_res + in.res : in.res;
   static_cast<T*>(p.out)[static_cast<int64_t>(r) * p.d + f] = from_float<T>(res + y);
 }
 
@@ -162,12 +180,21 @@ __global__ void __launch_bounds__(kMlpWarps * 32, 1) mlp_block_mma_kernel(const 
   // acc[j][e]: feature f0 + g + 8 * (e >> 1), row row0 + 8 j + 2 t + (e & 1).
   if (p.ksplit == 1) {
     if (!warp_active) return;
+    EpilogueIn in[kNT][4];
 #pragma unroll
     for (int j = 0; j < kNT; ++j) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = row0 + j * 8 + 2 * t + (e & 1);
-        if (r < p.R) mlp_epilogue<T, kHasRes>(p, r, f0 + g + 8 * (e >> 1), acc[j][e], accr[j][e]);
+        if (r < p.R) in[j][e] = mlp_epilogue_load<T, kHasRes>(p, r, f0 + g + 8 * (e >> 1));
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = row0 + j * 8 + 2 * t + (e & 1);
+        if (r < p.R) mlp_epilogue_store<T, kHasRes>(p, r, f0 + g + 8 * (e >> 1), in[j][e], acc[j][e], accr[j][e]);
       }
     }
     return;
@@ -196,67 +223,68 @@ __global__ void __launch_bounds__(kMlpWarps * 32, 1) mlp_block_mma_kernel(const 
   __syncthreads();
   if (!s_last) return;
   __threadfence();
-  // The last CTA of the tile: sum the splits (L2 reads) and run the epilogue, features fastest.
+  // The last CTA of the tile: sum the splits (L2 reads) and run the epilogue, features fastest, kBatch
+  // outputs per thread with all their loads in flight before the first store.
+  constexpr int kBatch = 4;
   const int nf = min(kMlpFeatures, p.d - ftile * kMlpFeatures);
-  for (int idx = threadIdx.x; idx < kRG * nf; idx += kMlpWarps * 32) {
-    const int r = row0 + idx / nf;
-    const int f = ftile * kMlpFeatures + idx % nf;
-    if (r >= p.R) break;  // rows grow with idx
-    float s = 0.f, sr = 0.f;
-    for (int sp = 0; sp < p.ksplit; ++sp) {
-      const int64_t off = (static_cast<int64_t>(sp) * p.Rp + r) * p.d + f;
-      s += __ldcg(p.part + off);
-      if constexpr (kHasRes) sr += __ldcg(p.part + part_stride + off);
+  const int total = kRG * nf;
+  for (int base = threadIdx.x; base < total; base += kMlpWarps * 32 * kBatch) {
+    int rr[kBatch], ff[kBatch];
+    bool ok[kBatch];
+    float s[kBatch], sr[kBatch];
+    EpilogueIn in[kBatch];
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      const int idx = base + j * kMlpWarps * 32;
+      rr[j] = row0 + idx / nf;
+      ff[j] = ftile * kMlpFeatures + idx % nf;
+      ok[j] = idx < total && rr[j] < p.R;
+      s[j] = sr[j] = 0.f;
+      if (ok[j]) in[j] = mlp_epilogue_load<T, kHasRes>(p, rr[j], ff[j]);
     }
-    mlp_epilogue<T, kHasRes>(p, r, f, s, sr);
+#pragma unroll 2
+    for (int sp = 0; sp < p.ksplit; ++sp) {
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) {
+        if (!ok[j]) continue;
+        const int64_t off = (static_cast<int64_t>(sp) * p.Rp + rr[j]) * p.d + ff[j];
+        s[j] += __ldcg(p.part + off);
+        if constexpr (kHasRes) sr[j] += __ldcg(p.part + part_stride + off);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      if (ok[j]) mlp_epilogue_store<T, kHasRes>(p, rr[j], ff[j], in[j], s[j], sr[j]);
+    }
   }
 }
 
-// ================================================================ SIMT path
-constexpr int kSimtMlpRows = 8;
-
-template <typename T, bool kHasRes>
-__global__ void __launch_bounds__(256) mlp_block_simt_kernel(const MlpBlockParams p) {
-  const int lane = threadIdx.x & 31;
-  const int64_t gw = static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x >> 5);
-  const int row_groups = ceil_div(p.R, kSimtMlpRows);
-  if (gw >= static_cast<int64_t>(p.d) * row_groups) return;
-  const int f = static_cast<int>(gw / row_groups);
-  const int row0 = static_cast<int>(gw % row_groups) * kSimtMlpRows;
-  const T* wrow = static_cast<const T*>(p.w) + f * p.ws0;
-  const T* rrow = kHasRes ? static_cast<const T*>(p.wr) + f * p.wrs0 : nullptr;
-
-  float acc[kSimtMlpRows], accr[kSimtMlpRows];
-#pragma unroll
-  for (int i = 0; i < kSimtMlpRows; ++i) acc[i] = accr[i] = 0.f;
-  for (int seg = 0; seg <= p.k; ++seg) {
-    const T* xrow[kSimtMlpRows];
-    int64_t xstride = seg == 0 ? p.xs1 : 1;
-#pragma unroll
-    for (int i = 0; i < kSimtMlpRows; ++i) {
-      xrow[i] = row0 + i < p.R ? input_row<T>(p, row0 + i, seg) : nullptr;
-    }
-    for (int c = lane; c < p.d; c += 32) {
-      const int64_t kk = static_cast<int64_t>(seg) * p.d + c;
-      const float wv = to_float(wrow[kk * p.ws1]);
-      float rv = 0.f;
-      if constexpr (kHasRes) rv = to_float(rrow[kk * p.wrs1]);
-#pragma unroll
-      for (int i = 0; i < kSimtMlpRows; ++i) {
-        const float xv = xrow[i] != nullptr ? to_float(xrow[i][c * xstride]) : 0.f;
-        acc[i] = fmaf(wv, xv, acc[i]);
-        if constexpr (kHasRes) accr[i] = fmaf(rv, xv, accr[i]);
-      }
-    }
+// ================================================================ GEMM path helpers (cuBLAS does the GEMMs)
+// x[r, :] = [xs[r] | embed[tok[r, 0]] | ...] into a contiguous [R, K] buffer (the first block's input).
+template <typename T>
+__global__ void __launch_bounds__(256) mlp_gather_kernel(const MlpBlockParams p, T* __restrict__ dst) {
+  const int64_t total = static_cast<int64_t>(p.R) * p.K;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int r = static_cast<int>(i / p.K);
+    const int k = static_cast<int>(i % p.K);
+    const int seg = k / p.d, c = k % p.d;
+    const T* row = input_row<T>(p, r, seg);
+    dst[i] = seg == 0 ? row[c * p.xs1] : row[c];
   }
-#pragma unroll
-  for (int i = 0; i < kSimtMlpRows; ++i) {
-    acc[i] = warp_sum(acc[i]);
-    if constexpr (kHasRes) accr[i] = warp_sum(accr[i]);
-  }
-#pragma unroll
-  for (int i = 0; i < kSimtMlpRows; ++i) {
-    if (lane == i && row0 + i < p.R) mlp_epilogue<T, kHasRes>(p, row0 + i, f, acc[i], accr[i]);
+}
+
+// out[r, f] = res[r, f] + silu(y[r, f]); y = W x + b and res = Wr x + br (or x) already computed.
+template <typename T>
+__global__ void __launch_bounds__(256) mlp_silu_residual_kernel(const T* __restrict__ y, const T* __restrict__ res,
+                                                                int64_t res_s0, int64_t res_s1, T* __restrict__ out,
+                                                                int R, int d) {
+  const int64_t total = static_cast<int64_t>(R) * d;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / d, f = i % d;
+    const float v = to_float(y[i]);
+    out[i] = from_float<T>(to_float(res[r * res_s0 + f * res_s1]) + v / (1.f + __expf(-v)));
   }
 }
 
@@ -271,12 +299,24 @@ cudaError_t launch_mlp_block_mma(const MlpBlockParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <typename T, bool kHasRes>
-cudaError_t launch_mlp_block_simt(const MlpBlockParams& p, cudaStream_t stream) {
-  const int64_t warps = static_cast<int64_t>(p.d) * ceil_div(p.R, kSimtMlpRows);
-  const int64_t blocks = ceil_div64(warps, 8);
-  if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  mlp_block_simt_kernel<T, kHasRes><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(p);
+inline unsigned elementwise_blocks(int64_t total) {
+  return static_cast<unsigned>(std::min<int64_t>(ceil_div64(total, 256), 4096));
+}
+
+template <typename T>
+cudaError_t launch_mlp_gather(const MlpBlockParams& p, T* dst, cudaStream_t stream) {
+  const int64_t total = static_cast<int64_t>(p.R) * p.K;
+  if (total == 0) return cudaSuccess;
+  mlp_gather_kernel<T><<<elementwise_blocks(total), 256, 0, stream>>>(p, dst);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_mlp_silu_residual(const T* y, const T* res, int64_t res_s0, int64_t res_s1, T* out, int R, int d,
+                                     cudaStream_t stream) {
+  const int64_t total = static_cast<int64_t>(R) * d;
+  if (total == 0) return cudaSuccess;
+  mlp_silu_residual_kernel<T><<<elementwise_blocks(total), 256, 0, stream>>>(y, res, res_s0, res_s1, out, R, d);
   return cudaGetLastError();
 }
 

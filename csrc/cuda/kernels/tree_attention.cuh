@@ -74,18 +74,19 @@ __device__ __forceinline__ bool visible(const TreeAttnParams& p, const SeqRange&
 }
 
 // ================================================================ tensor-core path (fp16 / bf16, D = 64 or 128)
-template <int D, int kStages, typename T>
+template <int D, int kStages, typename T, int kTileN>
 struct MmaAttnConfig {
   static constexpr int kWarps = 4;
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kRows = 16 * kWarps;  // query rows per CTA
-  static constexpr int kBN = 64;             // KV positions per tile
+  static constexpr int kBN = kTileN;         // KV positions per tile
   static constexpr size_t kSmemBytes = size_t(kStages) * 2 * kBN * D * sizeof(T);
 };
 
-template <typename T, int D, int kStages>
-__global__ void __launch_bounds__(128, 2) tree_attn_mma_kernel(const TreeAttnParams p) {
-  using Cfg = MmaAttnConfig<D, kStages, T>;
+template <typename T, int D, int kStages, int kTileN, int kMinBlocks>
+__global__ void __launch_bounds__(128, kMinBlocks) tree_attn_mma_kernel(const TreeAttnParams p) {
+  using Cfg = MmaAttnConfig<D, kStages, T, kTileN>;
+  static_assert(kChunkAlign % kTileN == 0, "chunks must be whole tiles");
   constexpr int kBN = Cfg::kBN;
   constexpr int kChunks16 = D / 8;  // 16-byte chunks per K/V row
   constexpr int kLoadIters = kBN * kChunks16 / Cfg::kThreads;
@@ -446,9 +447,15 @@ __global__ void __launch_bounds__(128) tree_attn_simt_kernel(const TreeAttnParam
 }
 
 // ================================================================ combine of the chunks' partial rows
-// One warp per output row (b, n, h): weights exp2(m_c - M), out = sum_c w_c o_c / sum_c w_c l_c.
+// One warp per output row (b, n, h): weights w_c = exp2(m_c - M) / sum_c exp2(m_c - M) l_c, out = sum_c w_c o_c.
+// The (m, l) pairs are read once, one chunk per lane, and the weights go through shared memory, so the loads
+// of the weighted sum are independent and overlap.
+constexpr int kMaxChunks = 256;
+
 template <typename T, bool kVec4>
 __global__ void __launch_bounds__(128) tree_attn_combine_kernel(const TreeAttnParams p) {
+  constexpr int kPerLane = kMaxChunks / 32;
+  __shared__ float s_w[4][kMaxChunks];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t rows_total = static_cast<int64_t>(p.B) * p.N * p.Hq;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * 4 + warp;
@@ -458,26 +465,41 @@ __global__ void __launch_bounds__(128) tree_attn_combine_kernel(const TreeAttnPa
   const int used = sr.kv_end > 0 ? chunks_used(sr.kv_end, p.num_chunks) : 0;
   const int D = p.D;
 
+  float2 ml[kPerLane];
   float M = neg_inf();
-  for (int c = 0; c < used; ++c) M = fmaxf(M, p.part_ml[c * rows_total + row].x);
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) {
+    const int c = lane + 32 * i;
+    ml[i] = c < used ? p.part_ml[c * rows_total + row] : make_float2(neg_inf(), 0.f);
+    M = fmaxf(M, ml[i].x);
+  }
+  M = warp_max(M);
   const float Mu = M == neg_inf() ? 0.f : M;
   float L = 0.f;
-  for (int c = 0; c < used; ++c) {
-    const float2 ml = p.part_ml[c * rows_total + row];
-    L += ml.y * exp2f(ml.x - Mu);
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) {
+    const int c = lane + 32 * i;
+    const float w = exp2f(ml[i].x - Mu);
+    L = fmaf(w, ml[i].y, L);
+    if (c < used) s_w[warp][c] = w;
   }
+  L = warp_sum(L);
+  __syncwarp();
   const float inv = L > 0.f ? 1.f / L : quiet_nan();
+  const float* w = s_w[warp];
+  const float* po = p.part_o + row * D;
+  const int64_t cstride = rows_total * D;
   T* orow = static_cast<T*>(p.out) + row * D;
   if constexpr (kVec4) {
     for (int d = 4 * lane; d < D; d += 128) {
       float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 8
       for (int c = 0; c < used; ++c) {
-        const float w = exp2f(p.part_ml[c * rows_total + row].x - Mu);
-        const float4 x = *reinterpret_cast<const float4*>(p.part_o + (c * rows_total + row) * D + d);
-        acc.x = fmaf(w, x.x, acc.x);
-        acc.y = fmaf(w, x.y, acc.y);
-        acc.z = fmaf(w, x.z, acc.z);
-        acc.w = fmaf(w, x.w, acc.w);
+        const float4 x = *reinterpret_cast<const float4*>(po + c * cstride + d);
+        acc.x = fmaf(w[c], x.x, acc.x);
+        acc.y = fmaf(w[c], x.y, acc.y);
+        acc.z = fmaf(w[c], x.z, acc.z);
+        acc.w = fmaf(w[c], x.w, acc.w);
       }
       orow[d] = from_float<T>(acc.x * inv);
       orow[d + 1] = from_float<T>(acc.y * inv);
@@ -487,28 +509,54 @@ __global__ void __launch_bounds__(128) tree_attn_combine_kernel(const TreeAttnPa
   } else {
     for (int d = lane; d < D; d += 32) {
       float acc = 0.f;
-      for (int c = 0; c < used; ++c) {
-        const float w = exp2f(p.part_ml[c * rows_total + row].x - Mu);
-        acc = fmaf(w, p.part_o[(c * rows_total + row) * D + d], acc);
-      }
+#pragma unroll 8
+      for (int c = 0; c < used; ++c) acc = fmaf(w[c], po[c * cstride + d], acc);
       orow[d] = from_float<T>(acc * inv);
     }
   }
 }
 
 // ================================================================ launchers
+// The tensor-core configuration: 64-position tiles, 3 stages (96 KB at D = 128), 2 CTAs per multiprocessor.
+// (Measured on the H200: 3 CTAs with 2 stages or 32-position tiles, or 4 with 128 registers, were slower.)
 template <typename T, int D>
-cudaError_t launch_tree_attn_mma(const TreeAttnParams& p, cudaStream_t stream) {
-  constexpr int kStages = 3;
-  using Cfg = MmaAttnConfig<D, kStages, T>;
-  auto kernel = tree_attn_mma_kernel<T, D, kStages>;
-  cudaError_t err = cudaSuccess;
-  if (Cfg::kSmemBytes > 48 * 1024) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Cfg::kSmemBytes));
+struct MmaAttnKernel {
+  static constexpr int kStages = 3, kTileN = 64, kMinBlocks = 2;
+  using Cfg = MmaAttnConfig<D, kStages, T, kTileN>;
+  static constexpr auto kernel = tree_attn_mma_kernel<T, D, kStages, kTileN, kMinBlocks>;
+  static cudaError_t prepare() {
+    if (Cfg::kSmemBytes <= 48 * 1024) return cudaSuccess;
+    return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Cfg::kSmemBytes));
+  }
+};
+
+// CTAs of the launch that fit on one multiprocessor at once (for the chunk choice).
+template <typename T, int D>
+cudaError_t tree_attn_mma_per_sm(int* per_sm) {
+  using K = MmaAttnKernel<T, D>;
+  cudaError_t err = K::prepare();
+  if (err != cudaSuccess) return err;
+  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(per_sm, K::kernel, K::Cfg::kThreads, K::Cfg::kSmemBytes);
+}
+
+template <typename T, int kDPL>
+cudaError_t tree_attn_simt_per_sm(int* per_sm, int D) {
+  auto kernel = tree_attn_simt_kernel<T, kDPL>;
+  const size_t smem = simt_smem_bytes(D);
+  if (smem > 48 * 1024) {
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (err != cudaSuccess) return err;
   }
+  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(per_sm, kernel, kSimtThreads, smem);
+}
+
+template <typename T, int D>
+cudaError_t launch_tree_attn_mma(const TreeAttnParams& p, cudaStream_t stream) {
+  using K = MmaAttnKernel<T, D>;
+  cudaError_t err = K::prepare();
+  if (err != cudaSuccess) return err;
   const dim3 grid(p.row_tiles * p.num_chunks, p.Hkv, p.B);
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
+  K::kernel<<<grid, K::Cfg::kThreads, K::Cfg::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
 }
 
