@@ -19,12 +19,9 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import logging
-import signal
 import statistics
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,10 +50,6 @@ REFERENCES = ("hf", "hf_static", "hf_static_compile")  # greedy agreement is mea
 
 class Deadline(Exception):
     pass
-
-
-def _raise_exit(signum, frame):
-    raise SystemExit(f"signal {signum}")
 
 
 # -- trees and the eager phase timer (bench_step.py uses these too) -------------------------------------------
@@ -503,18 +496,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     t_start = time.perf_counter()
     deadline = t_start + args.deadline_s
-    warnings.filterwarnings("ignore")
-    for name in ("torch._dynamo", "torch._inductor", "torch.fx", "transformers"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    signal.signal(signal.SIGTERM, _raise_exit)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    hydra_fast = C.import_hydra_fast()
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    hydra_fast, device, dtype = C.setup_run(args)
     args.md = args.md or args.json.with_suffix(".md")
     args.plot = args.plot or args.json.with_suffix(".png")
     args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -544,7 +526,7 @@ def main(argv=None) -> int:
     meta = C.run_metadata(device, hydra_fast)
     meta.update(model=model_id, dtype=str(dtype).removeprefix("torch."), tree=args.tree, tree_nodes=tree_nodes,
                 max_new_tokens=args.max_new_tokens, num_prompts=len(prompts), hf_prompts=args.hf_prompts,
-                max_cache_len=max_cache_len, transformers=transformers.__version__)
+                max_cache_len=max_cache_len)
     report = dict(meta=meta, methods={}, per_prompt={}, targets=[], notes=report_notes, stopped_early=None)
     names = [n.strip() for n in args.methods.split(",") if n.strip()]
     if args.compile:

@@ -22,12 +22,9 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import logging
-import signal
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -51,10 +48,6 @@ RESET_EVERY = 8  # steps between resets of the cache length to the prompt length
 
 class Deadline(Exception):
     pass
-
-
-def _raise_exit(signum, frame):
-    raise SystemExit(f"signal {signum}")
 
 
 # -- model ---------------------------------------------------------------------------------------------------
@@ -389,25 +382,13 @@ def run_model(name, args, device, dtype, report, write, check) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     t_start = time.perf_counter()
-    warnings.filterwarnings("ignore")
-    for name in ("torch._dynamo", "torch._inductor", "transformers"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    signal.signal(signal.SIGTERM, _raise_exit)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    hydra_fast = C.import_hydra_fast()
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    hydra_fast, device, dtype = C.setup_run(args)
     models = (args.models or ("tiny" if args.tiny else "llama2-7b,llama3-8b")).split(",")
     args.prompt_len = args.prompt_len or (64 if args.tiny or models == ["tiny"] else 512)
     args.md = args.md or args.json.with_suffix(".md")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     meta = C.run_metadata(device, hydra_fast)
-    meta.update(dtype=str(dtype).removeprefix("torch."), prompt_len=args.prompt_len, tau_assumed=TAU,
-                transformers=transformers.__version__)
+    meta.update(dtype=str(dtype).removeprefix("torch."), prompt_len=args.prompt_len, tau_assumed=TAU)
     report = dict(meta=meta, models={}, stopped_early=None)
 
     def write(final=False):

@@ -45,6 +45,32 @@ class TimingConfig:
     chunk: int = 25  # calls enqueued behind one device-side sleep
 
 
+def setup_run(args, quiet_loggers=("torch._dynamo", "torch._inductor", "torch.fx", "transformers")):
+    """Shared start of the end-to-end drivers: quiet logs, SIGTERM as SystemExit (results still written),
+    thread count, the hydra_fast import. -> (hydra_fast module, device, default dtype)."""
+    import logging
+    import signal
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    for name in quiet_loggers:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+    def _raise_exit(signum, frame):
+        raise SystemExit(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, _raise_exit)
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    hydra_fast = import_hydra_fast()
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return hydra_fast, device, dtype
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -238,12 +264,11 @@ def run_metadata(device: torch.device, hydra_fast) -> dict:
         device_name=platform.processor() or platform.machine(),
         cpu_threads=torch.get_num_threads(),
     )
-    try:
-        import triton
-
-        meta["triton"] = triton.__version__
-    except Exception:  # noqa: BLE001
-        meta["triton"] = None
+    for package in ("triton", "transformers"):
+        try:
+            meta[package] = __import__(package).__version__
+        except Exception:  # noqa: BLE001
+            meta[package] = None
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         meta.update(device_name=props.name, sm_count=props.multi_processor_count,

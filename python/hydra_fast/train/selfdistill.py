@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 
 from hydra_fast.heads import fingerprint
+from hydra_fast.hub import sha256_file
 from hydra_fast.train import sources as src
 from hydra_fast.train.dataset import (FORMAT, MANIFEST, PROMPTS, DataError, DataMismatchError, check_base,
-                                      sha256_file, write_json_atomic)
+                                      write_json_atomic)
 
 
 @dataclass(frozen=True)
