@@ -57,3 +57,25 @@ def test_smollm2_plain_engine_equals_hf(smollm2):
     for ids in prompts(tok, 2):
         assert torch.equal(model.generate(ids, max_new_tokens=128), base.generate(ids, max_new_tokens=128,
                                                                                    do_sample=False))
+
+
+@pytest.mark.slow
+def test_smollm2_hf_streamers_work_unchanged(smollm2, capsys):
+    from threading import Thread
+
+    from transformers import TextIteratorStreamer, TextStreamer
+
+    tok, base = smollm2
+    model = HydraModel(base, DraftHeads.from_base(base, "hydra"), max_cache_len=512)
+    ids = prompts(tok, 1)[0]
+    out = model.generate(ids, max_new_tokens=24, streamer=TextStreamer(tok, skip_prompt=True))
+    text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=False)
+    assert capsys.readouterr().out.strip() == text.strip()
+
+    streamer = TextIteratorStreamer(tok, skip_prompt=True)
+    result = {}
+    worker = Thread(target=lambda: result.update(out=model.generate(ids, max_new_tokens=24, streamer=streamer)))
+    worker.start()
+    streamed = "".join(streamer)
+    worker.join()
+    assert streamed == tok.decode(result["out"][0, ids.shape[1]:])
