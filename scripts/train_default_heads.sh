@@ -16,5 +16,5 @@ BUDGET=${5:-480}
 shift $(( $# < 5 ? $# : 5 ))
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export PYTHONPATH="$ROOT/python${PYTHONPATH:+:$PYTHONPATH}"
-exec python -m hydra_fast.train default-heads --model "$MODEL" --out "$OUT" --prompts "$PROMPTS" \
+exec python3 -m hydra_fast.train default-heads --model "$MODEL" --out "$OUT" --prompts "$PROMPTS" \
     --max-new-tokens "$NEW" --time-budget "$BUDGET" "$@"
