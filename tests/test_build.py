@@ -1,0 +1,53 @@
+"""The build: what was compiled is reported, and impossible requests fail with a clear message."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import hydra_fast
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _setup(env_extra: dict, tmp_path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HYDRA_FAST_BUILD_DIR=str(tmp_path / "build"), **env_extra)
+    return subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "-b", str(tmp_path / "lib"),
+                           "-t", str(tmp_path / "tmp")], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_build_info_describes_this_build():
+    info = hydra_fast.build_info()
+    assert info["extension"] is True
+    if torch.version.cuda is None:  # auto mode never builds CUDA kernels against a CPU-only torch
+        assert info["cuda"] is False and info["cuda_archs"] == ""
+    else:
+        assert info["cuda"] is True and "90" in info["cuda_archs"].split(",")
+    assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
+    assert info["cxx_standard"] >= 202002
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="this torch has CUDA: forcing it is possible")
+def test_forcing_cuda_with_a_cpu_torch_is_a_clear_error(tmp_path):
+    proc = _setup({"HYDRA_FAST_CUDA": "1"}, tmp_path)
+    assert proc.returncode != 0
+    assert "CPU-only build" in proc.stderr and "HYDRA_FAST_CUDA" in proc.stderr
+
+
+def test_unknown_cuda_flag_is_a_clear_error(tmp_path):
+    proc = _setup({"HYDRA_FAST_CUDA": "maybe"}, tmp_path)
+    assert proc.returncode != 0 and "HYDRA_FAST_CUDA must be auto, 0 or 1" in proc.stderr
+
+
+def test_missing_torch_is_a_clear_error(tmp_path):
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "torch.py").write_text("raise ImportError('no torch here')\n")
+    proc = _setup({"PYTHONPATH": str(fake)}, tmp_path)
+    assert proc.returncode != 0
+    assert "torch is not installed" in proc.stderr and "pip install torch" in proc.stderr
