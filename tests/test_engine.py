@@ -206,3 +206,24 @@ def test_compiled_step_matches_hf():
     ref = hf_greedy(base, ids, 24)
     model = HydraModel(base, perturbed_heads(base, "hydra++"), max_cache_len=128, compile=True)
     assert torch.equal(model.generate(ids, max_new_tokens=24), ref)
+
+
+def test_top_p_nucleus_of_one_token_samples_the_greedy_output():
+    # top_p -> 0 keeps only the most likely token: sampling and typical acceptance then reduce to greedy.
+    base = tiny("llama")
+    ids = torch.randint(0, V, (1, 7))
+    ref = hf_greedy(base, ids, 30)
+    model = HydraModel(base, perturbed_heads(base, "hydra"), max_cache_len=128)
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        assert torch.equal(model.generate(ids, max_new_tokens=30, do_sample=True, temperature=0.7, top_p=1e-6), ref)
+
+
+def test_top_p_filter_keeps_the_nucleus():
+    from hydra_fast.engine import top_p_filter
+
+    logits = torch.log(torch.tensor([[0.5, 0.05, 0.3, 0.15]]))
+    probs = torch.softmax(top_p_filter(logits, 1.0, 0.75) / 1.0, dim=-1)
+    torch.testing.assert_close(probs, torch.tensor([[0.625, 0.0, 0.375, 0.0]]))
+    probs = torch.softmax(top_p_filter(logits, 1.0, 0.85) / 1.0, dim=-1)  # 0.5 + 0.3 < 0.85: 0.15 joins
+    torch.testing.assert_close(probs, torch.tensor([[0.5, 0.0, 0.3, 0.15]]) / 0.95)

@@ -22,12 +22,30 @@ from hydra_fast.tree import Tree
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """Greedy when ``do_sample`` is False; else typical acceptance at ``temperature``."""
+    """Greedy when ``do_sample`` is False; else typical acceptance at ``temperature`` on the distribution
+    restricted to its ``top_p`` nucleus (renormalised) for both acceptance and the sampled tokens."""
 
     do_sample: bool = False
     temperature: float = 1.0
     posterior_threshold: float = 0.09
     posterior_alpha: float = 0.3
+    top_p: float = 1.0
+
+
+# Logit given to tokens outside the nucleus: far below any real logit, yet finite after division by the
+# temperature, so 0 * log p stays 0 in the entropy (an infinite logit would make it NaN).
+_OUTSIDE_NUCLEUS = -1e30
+
+
+def top_p_filter(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """Logits [..., V] (float32) whose softmax at ``temperature`` is the renormalised ``top_p`` nucleus:
+    the fewest most likely tokens whose probability adds up to at least top_p (the top token always)."""
+    scaled = logits.float() / temperature
+    sorted_logits, order = scaled.sort(dim=-1, descending=True)  # [..., V]
+    probs = sorted_logits.softmax(-1)
+    outside = (probs.cumsum(-1) - probs) >= top_p  # mass before this token already reaches top_p
+    kept = torch.where(outside, torch.full_like(sorted_logits, _OUTSIDE_NUCLEUS), sorted_logits * temperature)
+    return torch.empty_like(kept).scatter_(-1, order, kept)
 
 
 class SpeculativeEngine:
@@ -102,6 +120,8 @@ class SpeculativeEngine:
         if not s.do_sample:
             return self.impl.accept_greedy(logits, candidates, self.bufs.paths)
         uniform = torch.rand(logits.shape[0], device=logits.device, dtype=torch.float32)
+        if s.top_p < 1.0:
+            logits = top_p_filter(logits, s.temperature, s.top_p)  # [B, N, V] float32
         return self.impl.accept_typical(logits, candidates, self.bufs.paths, uniform, s.temperature,
                                         s.posterior_threshold, s.posterior_alpha)
 
@@ -132,7 +152,8 @@ class SpeculativeEngine:
         h_last = hidden.gather(1, last.view(B, 1, 1).expand(B, 1, d)).view(B, d)
         logits = self.lm_head(h_last).float()  # [B, V]
         if self.sampling.do_sample:
-            probs = torch.softmax(logits / self.sampling.temperature, dim=-1)
+            s = self.sampling
+            probs = torch.softmax(top_p_filter(logits, s.temperature, s.top_p) / s.temperature, dim=-1)
             first = torch.multinomial(probs, 1).view(B)
         else:
             first = logits.argmax(-1)

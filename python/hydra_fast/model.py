@@ -138,8 +138,8 @@ class HydraModel:
         """
         if unsupported:
             raise TypeError(f"HydraModel.generate does not support {sorted(unsupported)}")
-        if top_p != 1.0:
-            raise NotImplementedError("top_p sampling is not supported yet; use do_sample with temperature")
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         if do_sample and temperature <= 0:
             raise ValueError(f"temperature must be > 0 when do_sample=True, got {temperature}")
         if max_new_tokens < 1:
@@ -167,8 +167,8 @@ class HydraModel:
                 f"prompt ({int(prompts.lengths.max())} tokens) + max_new_tokens ({max_new_tokens}) + draft tree "
                 f"({tree_obj.num_nodes} nodes) = {need} is over the cache capacity max_cache_len="
                 f"{self.max_cache_len}: shorten the prompt, lower max_new_tokens or pass a larger max_cache_len")
-        sampling = SamplingConfig(do_sample, float(temperature), posterior_threshold, posterior_alpha) \
-            if do_sample else SamplingConfig()
+        sampling = SamplingConfig(do_sample, float(temperature), posterior_threshold, posterior_alpha,
+                                  float(top_p)) if do_sample else SamplingConfig()
         engine, runner = self._get_engine(B, tree_obj, sampling, use_heads)
         sink = gen.TokenSink(prompts, max_new_tokens, eos, stopping_criteria, streamer)
         step_times = gen.run(engine, runner, prompts, sink)
