@@ -28,12 +28,15 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate at most (default 256)")
         s.add_argument("--do-sample", action="store_true", help="sample (typical acceptance) instead of greedy")
         s.add_argument("--temperature", type=float, default=0.7, help="sampling temperature with --do-sample")
+        s.add_argument("--top-p", type=float, default=1.0, help="nucleus (top-p) sampling with --do-sample")
         s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                        help="cpu or cuda (default: cuda when available)")
         s.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                        help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
         s.add_argument("--max-cache-len", type=int, default=2048, help="static KV cache capacity in tokens")
         s.add_argument("--no-cuda-graph", action="store_true", help="run steps eagerly instead of graph replay")
+        s.add_argument("--compile", action="store_true",
+                       help="torch.compile the step before capturing it (fewer kernels; compiles on first use)")
         s.add_argument("--reference-ops", action="store_true", help="use the pure-PyTorch ops, not the kernels")
     return p
 
@@ -53,7 +56,8 @@ def _load(args):
 
         heads = default_heads_path_or_none("hydra++")
     model = HydraModel.from_pretrained(base, heads, tree=args.tree, max_cache_len=args.max_cache_len,
-                                       use_kernels=not args.reference_ops, cuda_graph=not args.no_cuda_graph)
+                                       use_kernels=not args.reference_ops, cuda_graph=not args.no_cuda_graph,
+                                       compile=args.compile)
     return tok, model
 
 
@@ -65,7 +69,8 @@ def _answer(tok, model, messages, args) -> str:
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     t0 = time.perf_counter()
     out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-                         temperature=args.temperature, streamer=streamer, return_dict_in_generate=True)
+                         temperature=args.temperature, top_p=args.top_p, streamer=streamer,
+                         return_dict_in_generate=True)
     dt = time.perf_counter() - t0
     new = out.sequences.shape[1] - ids.shape[1]
     steps = out.accept_lengths[0]
