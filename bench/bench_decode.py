@@ -33,7 +33,6 @@ import common as C  # noqa: E402
 MT_BENCH = C.REPO.parent / "shared" / "data" / "mt_bench.jsonl"
 HF_METHODS = ("hf", "hf_static", "hf_static_compile")
 OUR_KINDS = {"plain": None, "medusa": "medusa", "hydra": "hydra", "hydra++": "hydra++"}
-HEAD_DIRS = {"medusa": "medusa", "hydra": "hydra", "hydra++": "hydra_pp"}
 FALLBACK_PROMPTS = (
     "Compose an engaging travel blog post about a recent trip to Hawaii.",
     "Explain how a hash table works and when to use one.",
@@ -169,12 +168,12 @@ def load_prompts(args, tok, notes: dict) -> list[tuple[int, torch.Tensor]]:
 
 def resolve_heads(kind: str, base, args, notes: dict):
     """Trained heads from --heads-dir/<kind>, else the shipped ones, else untrained (labelled so)."""
-    from hydra_fast.defaults import default_heads_path_or_none
+    from hydra_fast.defaults import default_heads_path_or_none, heads_dir_name
     from hydra_fast.heads import DraftHeads
 
     path = None
     if args.heads_dir and args.heads_dir != "untrained":
-        path = Path(args.heads_dir) / HEAD_DIRS[kind]
+        path = Path(args.heads_dir) / heads_dir_name(kind)
     elif args.heads_dir is None and not args.tiny_random:
         path = default_heads_path_or_none(kind)
     if path is not None and (path / "config.json").exists():
@@ -299,14 +298,9 @@ def split_pass(m: Method, heads, base, args, tree, max_cache_len, prompts, devic
 
 
 # -- summaries -----------------------------------------------------------------------------------------------
-def first_divergence(a: list, b: list) -> int | None:
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return i
-    return None if len(a) == len(b) else min(len(a), len(b))
-
-
 def summarize(m: Method, runs: dict, all_runs: dict, split: dict | None, max_len: int) -> dict:
+    from hydra_fast.generate import first_divergence
+
     mine = runs
     out = dict(family=m.family, heads=m.heads, compile=m.compile, prompts=len(mine), **m.info.get("public", {}))
     if not mine:

@@ -17,6 +17,7 @@ torch.set_num_threads(1)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from hydra_fast.model import HydraModel
 from hydra_fast import hub
+from hydra_fast.generate import first_divergence
 p = hub.default_model_path()
 tok = AutoTokenizer.from_pretrained(p)
 rows = [json.loads(x) for x in open(ROOT.parent / "shared" / "data" / "mt_bench.jsonl")][:4]
@@ -24,10 +25,6 @@ sd = AutoModelForCausalLM.from_pretrained(p, dtype=torch.bfloat16, attn_implemen
 ea = AutoModelForCausalLM.from_pretrained(p, dtype=torch.bfloat16, attn_implementation="eager").eval()
 f32 = AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval()
 ours = HydraModel(sd, None, max_cache_len=512)
-def fd(a, b):
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y: return i
-    return None
 N = 96
 for r in rows:
     ids = tok.apply_chat_template([{"role": "user", "content": r["turns"][0]}], add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
@@ -36,4 +33,4 @@ for r in rows:
     b = ea.generate(ids, max_new_tokens=N, do_sample=False)[0, T:].tolist()
     c = ours.generate(ids, max_new_tokens=N)[0, T:].tolist()
     d = f32.generate(ids, max_new_tokens=N, do_sample=False)[0, T:].tolist()
-    print(f"q{r['question_id']}: HF sdpa vs HF eager (both bf16) first diff {fd(a,b)}; ours vs HF sdpa {fd(c,a)}; ours vs HF eager {fd(c,b)}; HF bf16 sdpa vs HF fp32 {fd(a,d)}", flush=True)
+    print(f"q{r['question_id']}: HF sdpa vs HF eager (both bf16) first diff {first_divergence(a, b)}; ours vs HF sdpa {first_divergence(c, a)}; ours vs HF eager {first_divergence(c, b)}; HF bf16 sdpa vs HF fp32 {first_divergence(a, d)}", flush=True)

@@ -21,15 +21,9 @@ sys.path.insert(0, str(ROOT / "python"))
 
 from hydra_fast import hub  # noqa: E402
 from hydra_fast.defaults import heads_dir_name  # noqa: E402
+from hydra_fast.generate import first_divergence  # noqa: E402
 from hydra_fast.heads import DraftHeads  # noqa: E402
 from hydra_fast.model import HydraModel  # noqa: E402
-
-
-def first_divergence(a: list[int], b: list[int]) -> int | None:
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return i
-    return None if len(a) == len(b) else min(len(a), len(b))
 
 
 def main() -> int:

@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT / "python"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from hydra_fast.defaults import heads_dir_name  # noqa: E402
+from hydra_fast.generate import first_divergence  # noqa: E402
 from hydra_fast.heads import DraftHeads  # noqa: E402
 from hydra_fast.model import HydraModel  # noqa: E402
 
@@ -43,13 +44,6 @@ def tiny_families(report):
             row[kind] = torch.equal(out, ref)
         report["tiny_fp32_cuda_equal"][family] = row
         print("tiny", family, row, flush=True)
-
-
-def first_divergence(a: list[int], b: list[int]) -> int | None:
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return i
-    return None if len(a) == len(b) else min(len(a), len(b))
 
 
 def real_model(args, report):

@@ -48,6 +48,12 @@ def top_p_filter(logits: torch.Tensor, temperature: float, top_p: float) -> torc
     return torch.empty_like(kept).scatter_(-1, order, kept)
 
 
+def rows_at(seq: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """seq [B, T, d], index int64 [B] -> seq[b, index[b]] for each b: [B, d]."""
+    B, _, d = seq.shape
+    return seq.gather(1, index.view(B, 1, 1).expand(B, 1, d)).view(B, d)
+
+
 class SpeculativeEngine:
     def __init__(self, base, heads, tree: Tree, batch_size: int, capacity: int,
                  sampling: SamplingConfig = SamplingConfig(), use_kernels: bool = True):
@@ -81,10 +87,6 @@ class SpeculativeEngine:
         self.causal_masks: dict[int, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ pieces
-    @property
-    def tokens_per_step_max(self) -> int:
-        return self.bufs.paths.shape[1]
-
     def _causal(self, n: int) -> torch.Tensor:
         if n not in self.causal_masks:
             self.causal_masks[n] = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()
@@ -129,13 +131,12 @@ class SpeculativeEngine:
         """The heads' next input: the base hidden state at the last accepted node, or for Hydra++ the
         prefix layer's output there after it has read every accepted node. nodes [B, L], accept_len [B]."""
         B, _, d = hidden_seq.shape
-        at = accept_len.view(B, 1, 1).expand(B, 1, d)
         if self.prefix_cache is None:
-            last = nodes.gather(1, accept_len.view(B, 1))  # [B, 1] tree index of the last accepted node
-            return hidden_seq.gather(1, last.view(B, 1, 1).expand(B, 1, d)).view(B, d)
+            last = nodes.gather(1, accept_len.view(B, 1)).view(B)  # tree index of the last accepted node
+            return rows_at(hidden_seq, last)
         seq = hidden_seq.gather(1, nodes.clamp(min=0).unsqueeze(-1).expand(-1, -1, d))  # [B, L, d]
         out = self._prefix(seq, position_ids)  # [B, L, d]; slots past accept_len are never read
-        return out.gather(1, at).view(B, d)
+        return rows_at(out, accept_len)
 
     # ------------------------------------------------------------------ prefill and step
     @torch.no_grad()
@@ -148,8 +149,7 @@ class SpeculativeEngine:
         pos = torch.arange(T, device=self.device).view(1, T).expand(B, T)
         hidden = self._forward(input_ids, pos, self._causal(T))  # [B, T, d]
         last = (lengths.to(self.device) - 1).to(torch.long)  # [B]
-        d = hidden.shape[-1]
-        h_last = hidden.gather(1, last.view(B, 1, 1).expand(B, 1, d)).view(B, d)
+        h_last = rows_at(hidden, last)  # [B, d]
         logits = self.lm_head(h_last).float()  # [B, V]
         if self.sampling.do_sample:
             s = self.sampling
@@ -158,8 +158,7 @@ class SpeculativeEngine:
         else:
             first = logits.argmax(-1)
         if self.prefix_cache is not None:
-            out = self._prefix(hidden, pos)  # the prefix layer reads the whole prompt
-            h_last = out.gather(1, last.view(B, 1, 1).expand(B, 1, d)).view(B, d)
+            h_last = rows_at(self._prefix(hidden, pos), last)  # the prefix layer reads the whole prompt
         self.cache.lens.copy_(lengths.to(device=self.device, dtype=torch.int32))
         self.root.copy_(first)
         self.hidden.copy_(h_last)

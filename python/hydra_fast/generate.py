@@ -111,6 +111,14 @@ class TokenSink:
         return torch.cat([original, new], dim=1)
 
 
+def first_divergence(a: list[int], b: list[int]) -> int | None:
+    """First position where two token lists differ (the shorter length if one extends the other); None if equal."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
 def run(engine, runner, prompts: Prompts, sink: TokenSink):
     """Prefill then step until every sequence has stopped. Returns per-step wall times (seconds)."""
     if sink.streamer is not None:

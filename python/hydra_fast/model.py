@@ -30,9 +30,8 @@ def check_supported(base) -> None:
 
 
 def _sliding_window(cfg) -> int | None:
-    if getattr(cfg, "model_type", "") == "qwen2" and not getattr(cfg, "use_sliding_window", False):
-        return None
-    if getattr(cfg, "model_type", "") == "qwen3" and not getattr(cfg, "use_sliding_window", False):
+    # Qwen2/Qwen3 configs carry a sliding_window size that applies only when use_sliding_window is set.
+    if getattr(cfg, "model_type", "") in ("qwen2", "qwen3") and not getattr(cfg, "use_sliding_window", False):
         return None
     return getattr(cfg, "sliding_window", None)
 
