@@ -6,6 +6,8 @@ so many tokens are accepted per step and the stopping logic is exercised mid-ste
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
@@ -198,14 +200,25 @@ def test_sampling_runs_and_is_seeded():
     assert torch.equal(a, b) and a.shape == (1, 26)
 
 
-@pytest.mark.slow
-def test_compiled_step_matches_hf():
-    torch._dynamo.reset()
+def _compiled_step_equals_hf() -> bool:
     base = tiny("llama")
     ids = torch.randint(0, V, (1, 7))
     ref = hf_greedy(base, ids, 24)
     model = HydraModel(base, perturbed_heads(base, "hydra++"), max_cache_len=128, compile=True)
-    assert torch.equal(model.generate(ids, max_new_tokens=24), ref)
+    return torch.equal(model.generate(ids, max_new_tokens=24), ref)
+
+
+@pytest.mark.slow
+def test_compiled_step_matches_hf():
+    # Its own process: inductor (torch 2.13) can fail with KeyError 'op<n>' when other graphs were compiled
+    # earlier in the same process, which says nothing about this engine.
+    import subprocess
+    import sys
+
+    code = "import test_engine, sys; sys.exit(0 if test_engine._compiled_step_equals_hf() else 3)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_top_p_nucleus_of_one_token_samples_the_greedy_output():
