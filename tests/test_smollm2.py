@@ -79,3 +79,32 @@ def test_smollm2_hf_streamers_work_unchanged(smollm2, capsys):
     streamed = "".join(streamer)
     worker.join()
     assert streamed == tok.decode(result["out"][0, ids.shape[1]:])
+
+
+@pytest.mark.parametrize("kind", ["medusa", "hydra", "hydra++"])
+def test_shipped_heads_are_small_and_documented(kind):
+    import hydra_fast
+
+    path = hydra_fast.default_heads_path(kind)
+    size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    assert 0 < size <= 40e6, f"{kind}: {size / 1e6:.1f} MB"
+    card = (path / "README.md").read_text()
+    assert "## Mean accepted length (tau)" in card and "MT-Bench" in card
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["medusa", "hydra", "hydra++"])
+def test_shipped_heads_draft_for_smollm2_and_keep_greedy_output(smollm2, kind):
+    import hydra_fast
+
+    tok, base = smollm2
+    heads = DraftHeads.from_pretrained(hydra_fast.default_heads_path(kind), base)  # fingerprint checked here
+    assert heads.config.kind == kind
+    model = HydraModel(base, heads, max_cache_len=1024)
+    ids = prompts(tok, 1)[0]
+    ref = base.generate(ids, max_new_tokens=96, do_sample=False)
+    out = model.generate(ids, max_new_tokens=96, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ref), tok.decode(out.sequences[0, ids.shape[1]:])
+    steps = out.accept_lengths[0]
+    tau = sum(steps) / len(steps)
+    assert tau > 1.3, f"{kind}: {tau:.2f} tokens per step: these heads do not draft for SmolLM2"
