@@ -80,6 +80,30 @@ C)
     --deadline-s $(( left - 25 )) > "$L/bench_decode.log" 2>&1; say "bench_decode rc=$?"
   tail -c 5000 "$L/bench_decode.log"
   ;;
+E)  # the timing chain in the background, one run after another: bench_decode, bench_step, bench_ops
+  sync_tree "$W"
+  (cd "$W" && setsid nohup env PYTHONPATH=$W/python:/tmp/site bash -c "
+    timeout 400 python3 bench/bench_decode.py --model $M --heads-dir $H --prompts .data/mt_bench.jsonl \
+      --num-prompts 80 --hf-prompts 3 --max-new-tokens 128 --compile --json $R/bench_decode.json \
+      --deadline-s ${DECODE_S:-330} > $L/bench_decode.log 2>&1; echo decode rc=\$? >> $L/chain.txt
+    timeout 230 python3 bench/bench_step.py --deadline-s ${STEP_S:-190} --json $R/bench_step.json \
+      > $L/bench_step.log 2>&1; echo step rc=\$? >> $L/chain.txt
+    timeout 260 python3 bench/bench_ops.py --device cuda --json $R/bench_ops.json --md $R/bench_ops.md \
+      --deadline-s ${OPS_S:-200} > $L/bench_ops.log 2>&1; echo ops rc=\$? >> $L/chain.txt
+    touch $L/chain.done" > /dev/null 2>&1 < /dev/null &)
+  say "timing chain started"
+  ;;
+F)  # wait for the chain, return its results
+  wait_for "$L/chain.done" "${CHAIN_WAIT:-560}" || say "chain still running"
+  cat "$L/chain.txt"; tail -c 2500 "$R/bench_decode.md" 2>/dev/null; tail -c 1500 "$R/bench_step.md" 2>/dev/null
+  tail -c 20000 "$L/bench_decode.log" > "$R/bench_decode.log"; tail -c 20000 "$L/bench_step.log" > "$R/bench_step.log"
+  tail -c 20000 "$L/bench_ops.log" > "$R/bench_ops.log"
+  cp "$R"/bench_decode.json "$R"/bench_decode.md "$R"/bench_decode.png "$R"/bench_step.json "$R"/bench_step.md \
+     "$R"/bench_ops.json "$R"/bench_ops.md "$OUT/" 2>/dev/null
+  tar -czf "$OUT/logs.tgz" -C / tmp/logs tmp/results/bench_decode.log tmp/results/bench_step.log \
+     tmp/results/bench_ops.log 2>/dev/null
+  ls -la "$OUT"
+  ;;
 D)
   cd "$W" && export PYTHONPATH=$W/python:/tmp/site
   timeout 230 python3 bench/bench_step.py --deadline-s 200 --json "$R/bench_step.json" > "$L/bench_step.log" 2>&1
