@@ -119,5 +119,38 @@ D)
   tar -czf "$OUT/logs.tgz" -C / tmp/logs tmp/results/bench_decode.log tmp/results/bench_step.log 2>/dev/null
   ls -la "$OUT"
   ;;
+S)  # stash the carried bundle part(s) (.gp1 .gp2 .gp3: GGUF + heads tar, split in three); the first call also
+    # installs the wheels and starts the build
+  for d in .gp1 .gp2 .gp3; do [ -d "$d" ] && cp "$d"/bundle.* /tmp/scratch/ && say "stashed $(ls $d)"; done
+  if [ ! -e "$L/build.started" ]; then
+    touch "$L/build.started"
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gp1/*.whl
+    sync_tree "$W"
+    nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,memory.used --format=csv,noheader
+    CXXS=""; [ -x /usr/bin/g++ ] && CXXS="CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++"
+    (cd "$W" && setsid nohup env $CXXS HYDRA_FAST_CUDA=1 MAX_JOBS=12 HYDRA_FAST_BUILD_DIR=/tmp/hfbuild \
+       bash -c 's=$(date +%s); python3 setup.py -q build_ext --inplace; rc=$?; echo "rc=$rc seconds=$(( $(date +%s) - s ))" > /tmp/logs/build.done' \
+       > "$L/build.log" 2>&1 < /dev/null &)
+    say "build started"
+  fi
+  ;;
+G)  # after S on all three parts: unpack the GGUF and the heads, convert, wait for the build, time (bench_decode)
+  cat /tmp/scratch/bundle.0* > /tmp/scratch/bundle
+  echo "${BUNDLE_SHA:?} /tmp/scratch/bundle" | sha256sum -c - || exit 1
+  G=/tmp/scratch/SmolLM2-135M-Instruct.Q4_1.gguf
+  head -c 98362432 /tmp/scratch/bundle > "$G"; mkdir -p "$H"; tail -c +98362433 /tmp/scratch/bundle | tar -x -C "$H"
+  sync_tree "$W"; ls "$H"
+  (cd "$W" && PYTHONPATH=$W/python:/tmp/site python3 -c \
+     "from hydra_fast import hub; print(hub.default_model_path(gguf='$G'))" 2>&1 | tail -1)
+  wait_for "$L/build.done" 300 || { say "build not finished"; tail -30 "$L/build.log"; exit 1; }
+  cat "$L/build.done"; cd "$W" && export PYTHONPATH=$W/python:/tmp/site
+  python3 -c "import hydra_fast; print(hydra_fast.build_info())" || exit 1
+  left=$(( ${G_BUDGET:-560} - ($(date +%s) - t0) ))
+  timeout $left python3 bench/bench_decode.py --model "$M" --heads-dir "$H" --prompts .data/mt_bench.jsonl \
+    --methods ${METHODS:-hf,hf_static_compile,plain,medusa,hydra++} --compile \
+    --compile-methods ${COMPILE_METHODS:-plain,medusa,hydra++} --num-prompts ${NUM_PROMPTS:-40} --hf-prompts 3 \
+    --max-new-tokens 128 --json "$OUT/bench_decode.json" --deadline-s $(( left - 20 )) > "$OUT/bench_decode.log" 2>&1
+  say "bench_decode rc=$?"; cat "$OUT/bench_decode.md" 2>/dev/null | head -30; grep -E "warm-up|FAIL" "$OUT/bench_decode.log"
+  ;;
 *) echo "unknown stage $STAGE"; exit 2 ;;
 esac

@@ -173,25 +173,40 @@ class SpeculativeEngine:
 
     def accept(self, candidates, hidden, logits) -> torch.Tensor:
         """Accept, compact the KV cache, advance the state; fills and returns ``self.result``."""
+        self.commit(*self.select(candidates, hidden, logits))
+        return self.result
+
+    def select(self, candidates, hidden, logits) -> tuple[torch.Tensor, torch.Tensor]:
+        """The accepting half of ``accept``: choose each sequence's path, set the heads' next input, the next
+        root and ``self.result``. The KV cache and ``lens`` are left to ``commit``. -> (nodes [B, L], accept_len [B])"""
         lens = self.cache.lens
         B = lens.shape[0]
         accept_len, out_tokens, nodes = self._accept(logits, candidates)
-        self.impl.kv_compact(self.cache.k, self.cache.v, lens, nodes)
         L = nodes.shape[1]
         prefix_pos = lens.to(torch.long).view(B, 1) + torch.arange(L, device=self.device).view(1, L)
         self.hidden.copy_(self._heads_input(hidden, nodes, accept_len, prefix_pos))
         self.root.copy_(out_tokens.gather(1, accept_len.view(B, 1)).view(B))
-        lens.add_((accept_len + 1).to(torch.int32))
         self.result[:, 0].copy_(accept_len)
         self.result[:, 1:].copy_(out_tokens)
-        return self.result
+        return nodes, accept_len
+
+    def commit(self, nodes, accept_len) -> None:
+        """Move the accepted nodes' K/V of every layer into place (``kv_compact``) and advance ``lens``."""
+        lens = self.cache.lens
+        self.impl.kv_compact(self.cache.k, self.cache.v, lens, nodes)
+        lens.add_((accept_len + 1).to(torch.int32))
+
+    def propose(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """draft -> verify -> select: the whole step but ``commit``. -> (nodes [B, L], accept_len [B])"""
+        candidates = self.draft()  # [B, N]
+        hidden, logits = self.verify(candidates)
+        return self.select(candidates, hidden, logits)
 
     @torch.no_grad()
     def step(self) -> torch.Tensor:
         """One speculative step from the current state; fills and returns ``self.result`` [B, 1 + L]."""
-        candidates = self.draft()  # [B, N]
-        hidden, logits = self.verify(candidates)
-        return self.accept(candidates, hidden, logits)
+        self.commit(*self.propose())
+        return self.result
 
 
 class StepRunner:
@@ -200,8 +215,21 @@ class StepRunner:
     def __init__(self, engine: SpeculativeEngine, cuda_graph: bool = True, compile: bool = False):
         self.engine = engine
         self.graph = None
-        # torch.compile fuses the base model's small kernels (norms, rotary, SiLU-mul) before capture.
-        self.step = torch.compile(engine.step, fullgraph=True, dynamic=False) if compile else engine.step
+        self.step = engine.step
+        if compile:
+            # torch.compile fuses the base model's small kernels (norms, rotary, SiLU-mul) before capture.
+            # ``commit`` stays outside the compiled graph (inside the CUDA graph all the same): kv_compact
+            # mutates the cache that the verify forward wrote through per-layer views, and in one inductor
+            # graph that pair lowers to a self-referential copy that inductor's scheduler rejects
+            # (KeyError 'op<n>' in compute_ancestors, torch 2.11 and 2.13; pytorch issue 189271).
+            propose = torch.compile(engine.propose, fullgraph=True, dynamic=False)
+
+            @torch.no_grad()
+            def step() -> torch.Tensor:
+                engine.commit(*propose())
+                return engine.result
+
+            self.step = step
         if cuda_graph and engine.device.type == "cuda":
             self.graph = self._capture()
 
