@@ -30,6 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C  # noqa: E402
 
+from hydra_fast.tree_search import grown_tree  # noqa: E402
+
 MT_BENCH = C.REPO.parent / "shared" / "data" / "mt_bench.jsonl"
 HF_METHODS = ("hf", "hf_static", "hf_static_compile")
 OUR_KINDS = {"plain": None, "medusa": "medusa", "hydra": "hydra", "hydra++": "hydra++"}
@@ -52,33 +54,29 @@ class Deadline(Exception):
 
 
 # -- trees and the eager phase timer (bench_step.py uses these too) -------------------------------------------
-def greedy_tree(num_nodes: int, max_depth: int = 4, max_rank: int = 9) -> list[list[int]]:
-    """A draft tree of num_nodes nodes (root included) grown greedily under a Medusa-like acceptance model.
-
-    A node's score is the product over its path of q(depth, rank) = a_depth * 0.7**rank with a = 0.6, 0.45,
-    0.35, 0.28: at 64 nodes this gives mc_sim_7b_63's shape (10 / 28 / 24 / 1 nodes at depths 1-4). The
-    num_nodes - 1 best nodes form the tree; a child scores below its parent, so every parent is in it."""
-    accept = (0.6, 0.45, 0.35, 0.28, 0.24, 0.2)
-
-    def grow(prefix, score):
-        for r in range(max_rank + 1):
-            node = prefix + (r,)
-            s = score * accept[min(len(prefix), len(accept) - 1)] * 0.7 ** r
-            yield s, node
-            if len(node) < max_depth:
-                yield from grow(node, s)
-
-    nodes = sorted(grow((), 1.0), key=lambda x: (-x[0], len(x[1]), x[1]))[: max(0, num_nodes - 1)]
-    return [list(n) for _, n in nodes]
+greedy_tree = grown_tree  # bench_step.py and the tests import it from here
 
 
 def parse_tree(spec: str):
-    """A preset name, 'greedy:N' (N nodes incl. the root) or a JSON list of rank lists."""
+    """A preset name, 'greedy:N' (N nodes incl. the root), a JSON list of rank lists, a tree file, or 'auto'
+    (left for ``method_tree``: each heads folder's tree_<device>.json)."""
+    from hydra_fast.tree_search import load_tree
+
     if spec.startswith("greedy:"):
         return greedy_tree(int(spec.split(":", 1)[1]))
     if spec.lstrip().startswith("["):
         return json.loads(spec)
+    if spec.endswith(".json"):
+        return load_tree(spec)
     return spec
+
+
+def method_tree(tree, label: str, device):
+    """The tree a method runs: ``tree`` itself, or for 'auto' its heads folder's tree for this device."""
+    from hydra_fast.model import resolve_tree
+
+    folder = Path(label) if label not in ("untrained", "none") else None
+    return resolve_tree(tree, folder, device) if tree == "auto" else tree
 
 
 class EagerPhasedRunner:
@@ -255,7 +253,9 @@ def our_method(name: str, kind, heads, label: str, base, args, tree, max_cache_l
         dt = time.perf_counter() - t0  # generate reads every step back to the host: the device is done
         return Run(out.sequences[0, ids.shape[1]:].tolist(), dt, out.accept_lengths[0], out.step_times)
 
-    return Method(name, "ours", label, call, kind=kind, compile=compile, info={"model": model})
+    tree_nodes = model.default_tree.num_nodes if heads is not None else 1
+    return Method(name, "ours", label, call, kind=kind, compile=compile,
+                  info={"model": model, "public": {"tree_nodes": tree_nodes}})
 
 
 # -- the step split ------------------------------------------------------------------------------------------
@@ -459,7 +459,8 @@ def parse_args(argv=None):
     ap.add_argument("--tiny-random", action="store_true", help="a tiny random Llama and random prompts (no files)")
     ap.add_argument("--heads-dir", default=None, help="folder with medusa/ hydra/ hydra_pp/ heads, or 'untrained' "
                     "(default: the shipped heads when present, else untrained heads)")
-    ap.add_argument("--tree", default="mc_sim_7b_63", help="tree preset, greedy:N, or a JSON list of rank lists")
+    ap.add_argument("--tree", default="mc_sim_7b_63", help="tree preset, greedy:N, a JSON list of rank lists, a tree "
+                    "file, or auto (each heads folder's tree_<device>.json, else mc_sim_7b_63)")
     ap.add_argument("--prompts", default=str(MT_BENCH), help="jsonl with question_id and turns (first turn used)")
     ap.add_argument("--num-prompts", type=int, default=80)
     ap.add_argument("--hf-prompts", type=int, default=5, help="prompts on which the HF methods run (they are slow)")
@@ -512,8 +513,9 @@ def main(argv=None) -> int:
     prompts = load_prompts(args, tok, report_notes)
     from hydra_fast.tree import Tree
 
-    tree_nodes = Tree.from_choices(tree).num_nodes
-    max_len = Tree.from_choices(tree).max_depth + 1
+    sized = "mc_sim_7b_63" if tree == "auto" else tree  # auto trees come from calibration: at most 64 nodes, depth 5
+    tree_nodes = Tree.from_choices(sized).num_nodes
+    max_len = max(Tree.from_choices(sized).max_depth + 1, 6 if tree == "auto" else 0)
     longest = max(ids.shape[1] for _, ids in prompts)
     max_cache_len = (longest + args.max_new_tokens + tree_nodes + 8 + 63) // 64 * 64
 
@@ -593,7 +595,8 @@ def main(argv=None) -> int:
                     if kind is not None and kind not in heads_cache:
                         heads_cache[kind] = resolve_heads(kind, base, args, report["notes"])
                     heads, label = heads_cache[kind] if kind else (None, "none")
-                    m = our_method(name, kind, heads, label, base, args, tree, max_cache_len, name.endswith("_compile"))
+                    m = our_method(name, kind, heads, label, base, args, method_tree(tree, label, device),
+                                   max_cache_len, name.endswith("_compile"))
                 methods[name] = m
                 for _ in range(2 if name == "hf_static_compile" else 1):  # cudagraph trees record on the 2nd call
                     m.call(prompts[0][1], min(16, args.max_new_tokens))
@@ -648,7 +651,8 @@ def main(argv=None) -> int:
                 m.call = None  # free this method's engine and graph first
                 m.info.pop("model", None)
                 gc.collect()
-                splits[name] = split_pass(m, heads, base, args, tree, max_cache_len, prompts, device, deadline)
+                splits[name] = split_pass(m, heads, base, args, method_tree(tree, m.heads, device), max_cache_len,
+                                          prompts, device, deadline)
                 log(f"split {name}: {splits[name]}")
             except Exception as e:  # noqa: BLE001
                 splits[name] = {"error": C.err_str(e)}

@@ -24,7 +24,9 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--heads", default=None,
                        help="local draft-heads folder (default: the shipped heads for the default model if present; "
                             "'none' for plain decoding)")
-        s.add_argument("--tree", default="mc_sim_7b_63", help="draft tree preset name (default mc_sim_7b_63)")
+        s.add_argument("--tree", default="auto", help="draft tree: a preset name (mc_sim_7b_63, chain4, tiny), a "
+                       "tree file from `hydra-fast calibrate`, or auto (default: the heads' tree_<device>.json "
+                       "when they ship one, else mc_sim_7b_63)")
         s.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate at most (default 256)")
         s.add_argument("--do-sample", action="store_true", help="sample (typical acceptance) instead of greedy")
         s.add_argument("--temperature", type=float, default=0.7, help="sampling temperature with --do-sample")
@@ -38,7 +40,51 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--compile", action="store_true",
                        help="torch.compile the step before capturing it (fewer kernels; compiles on first use)")
         s.add_argument("--reference-ops", action="store_true", help="use the pure-PyTorch ops, not the kernels")
+    c = sub.add_parser("calibrate", help="choose the draft tree for these heads on this machine (writes a tree file)")
+    c.add_argument("--model", default=None, help="local HF model folder (default: the default model)")
+    c.add_argument("--heads", default=None, help="draft-heads folder (default: the shipped Hydra++ heads)")
+    c.add_argument("--out", default="tree.json", help="tree file to write (default tree.json); pass it as --tree, "
+                   "or save it as <heads>/tree_<cpu|cuda>.json for --tree auto")
+    c.add_argument("--prompts", type=int, default=8, help="calibration prompts (default 8)")
+    c.add_argument("--prompts-file", default=None, help="jsonl of your own prompts (\"prompt\" field), the workload the "
+                   "tree is chosen for (default: built-in instruction prompts; keep evaluation prompts out)")
+    c.add_argument("--max-new-tokens", type=int, default=96, help="tokens per calibration prompt (default 96)")
+    c.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    c.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    c.add_argument("--max-cache-len", type=int, default=1024)
+    c.add_argument("--no-cuda-graph", action="store_true")
+    c.add_argument("--reference-ops", action="store_true")
+    c.set_defaults(tree="auto", compile=False)  # candidates are timed as generate() runs them (no compile)
     return p
+
+
+def _calibrate(args) -> int:
+    import random
+
+    from hydra_fast.train.sources import load_builtin, load_jsonl
+    from hydra_fast.tree_search import calibrate
+
+    tok, model = _load(args)
+    if model.heads is None:
+        print("hydra-fast calibrate: no draft heads to calibrate: pass --heads DIR", file=sys.stderr)
+        return 2
+    rng = random.Random("hydra_fast.calibrate")
+    texts = (load_jsonl(args.prompts_file, args.prompts, rng) if args.prompts_file
+             else load_builtin(None, args.prompts, rng))
+    prompts = [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                       return_tensors="pt", return_dict=True)["input_ids"].to(model.device)
+               for t in texts]
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+
+    def show(c):
+        print(f"  {c['nodes']:3d} nodes, depth <= {c['max_depth']}: {c['expected_tokens']:.2f} tokens/step, "
+              f"{c['step_ms']:.2f} ms/step, {c['tokens_per_s']:.1f} tok/s", file=sys.stderr)
+
+    choice = calibrate(model, prompts, max_new_tokens=args.max_new_tokens, eos_token_ids=eos, progress=show)
+    choice.save(args.out)
+    print(f"{len(choice.tree)}-node tree: {choice.expected_tokens:.2f} tokens/step in {choice.step_ms:.2f} ms "
+          f"({choice.tokens_per_s:.1f} tok/s expected) on {choice.device} -> {args.out}")
+    return 0
 
 
 def _load(args):
@@ -83,6 +129,8 @@ def _answer(tok, model, messages, args) -> str:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "calibrate":
+        return _calibrate(args)
     tok, model = _load(args)
     if args.command == "generate":
         _answer(tok, model, [{"role": "user", "content": args.prompt}], args)

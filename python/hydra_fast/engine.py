@@ -84,6 +84,7 @@ class SpeculativeEngine:
         self.root = torch.zeros(B, dtype=torch.long, device=device)  # next token to verify (tree node 0)
         self.hidden = torch.zeros(B, cfg.hidden_size, dtype=dtype, device=device)  # heads' input
         self.result = torch.full((B, 1 + L), -1, dtype=torch.long, device=device)
+        self.accepted = torch.full((B, L), -1, dtype=torch.long, device=device)  # last step's accepted nodes
         self.causal_masks: dict[int, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ pieces
@@ -188,6 +189,7 @@ class SpeculativeEngine:
         self.root.copy_(out_tokens.gather(1, accept_len.view(B, 1)).view(B))
         self.result[:, 0].copy_(accept_len)
         self.result[:, 1:].copy_(out_tokens)
+        self.accepted.copy_(nodes)  # tree indices, root first, -1 padded (tree calibration reads them)
         return nodes, accept_len
 
     def commit(self, nodes, accept_len) -> None:

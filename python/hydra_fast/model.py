@@ -44,6 +44,18 @@ class EngineKey:
     heads: bool
 
 
+def resolve_tree(tree, heads_dir: Path | None, device: torch.device):
+    """A tree argument as ``Tree.from_choices`` takes it: "auto" and tree files resolved (see from_pretrained)."""
+    from hydra_fast.tree_search import load_tree
+
+    if isinstance(tree, (str, Path)) and str(tree) == "auto":
+        found = heads_dir / f"tree_{torch.device(device).type}.json" if heads_dir is not None else None
+        return load_tree(found) if found is not None and found.is_file() else "mc_sim_7b_63"
+    if isinstance(tree, Path) or (isinstance(tree, str) and tree.endswith(".json")):
+        return load_tree(tree)
+    return tree
+
+
 class HydraModel:
     """A base model and optional draft heads. ``generate`` follows HF ``generate``'s contract.
 
@@ -59,7 +71,8 @@ class HydraModel:
         check_supported(base)
         self.base = base.eval()
         self.heads = heads.eval() if heads is not None else None
-        self.default_tree = Tree.from_choices(tree) if heads is not None else Tree.plain()
+        self.default_tree = Tree.from_choices(resolve_tree(tree, None, self.device)) if heads is not None \
+            else Tree.plain()
         cfg = base.config
         limit = getattr(cfg, "max_position_embeddings", None) or 4096
         self.max_cache_len = int(max_cache_len or min(limit, 4096))
@@ -80,9 +93,12 @@ class HydraModel:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_pretrained(cls, base, heads=None, tree="mc_sim_7b_63", max_cache_len=None, use_kernels=True,
+    def from_pretrained(cls, base, heads=None, tree="auto", max_cache_len=None, use_kernels=True,
                         cuda_graph=True, compile=False, **hf_kwargs):
-        """``base``: a loaded HF causal LM or a local path; ``heads``: a local heads directory or None."""
+        """``base``: a loaded HF causal LM or a local path; ``heads``: a local heads directory or None.
+
+        ``tree``: a preset name, a list of rank lists, a tree file (``hydra-fast calibrate``), or "auto": the
+        heads directory's ``tree_<device type>.json`` (e.g. tree_cpu.json) when it has one, else mc_sim_7b_63."""
         from transformers import AutoModelForCausalLM
 
         if isinstance(base, (str, Path)):
@@ -94,7 +110,10 @@ class HydraModel:
             from hydra_fast.heads import DraftHeads
 
             weight = base.get_output_embeddings().weight
+            tree = resolve_tree(tree, Path(heads), weight.device)
             heads = DraftHeads.from_pretrained(str(heads), base, device=weight.device, dtype=weight.dtype)
+        else:
+            tree = resolve_tree(tree, None, base.get_output_embeddings().weight.device)
         return cls(base, heads, tree=tree, max_cache_len=max_cache_len, use_kernels=use_kernels,
                    cuda_graph=cuda_graph, compile=compile)
 
@@ -158,7 +177,8 @@ class HydraModel:
         if streamer is not None and B != 1:
             raise ValueError("streamers support batch size 1 only, as in HF generate")
         use_heads = use_heads and self.heads is not None
-        tree_obj = (Tree.from_choices(tree) if tree is not None else self.default_tree) if use_heads \
+        tree_obj = (Tree.from_choices(resolve_tree(tree, None, self.device)) if tree is not None
+                    else self.default_tree) if use_heads \
             else Tree.plain()
         need = int(prompts.lengths.max()) + max_new_tokens + tree_obj.num_nodes
         if need > self.max_cache_len:

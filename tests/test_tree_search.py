@@ -1,0 +1,95 @@
+"""Tree calibration: measured node acceptance, the best tree per budget, timed candidates, tree files."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hydra_fast.engine import SamplingConfig
+from hydra_fast.heads import DraftHeads
+from hydra_fast.model import HydraModel, resolve_tree
+from hydra_fast.tree import Tree
+from hydra_fast.tree_search import Acceptance, TreeChoice, calibrate, grown_tree, load_tree, measure_acceptance
+from test_engine import V, OracleHeads, hf_greedy, perturbed_heads, tiny
+
+
+def test_best_nodes_are_trees_ranked_by_measured_acceptance():
+    nodes = tuple(tuple(n) for n in grown_tree(40, max_depth=4))
+    g = torch.Generator().manual_seed(0)
+    # q must not grow from parent to child, as measured q cannot: make it so from random factors
+    factors = dict(zip(nodes, torch.rand(len(nodes), generator=g).tolist()))
+    q = {}
+    for n in sorted(nodes, key=len):
+        q[n] = factors[n] * (q[n[:-1]] if len(n) > 1 else 1.0)
+    acc = Acceptance(nodes, tuple(q[n] for n in nodes), steps=100)
+    for budget in (1, 3, 8, 20, 39):
+        for depth in (1, 2, 4):
+            best = acc.best_nodes(budget, depth)
+            Tree.from_choices([list(n) for n in best])  # every parent is in: raises otherwise
+            assert all(len(n) <= depth for n in best)
+            eligible = sorted((q[n] for n in nodes if len(n) <= depth), reverse=True)
+            assert len(best) == min(budget, len(eligible))
+            assert acc.expected_tokens(best) == pytest.approx(1 + sum(eligible[:budget]))
+    assert acc.expected_tokens([[7, 7, 7]]) == 1.0  # an unmeasured node counts nothing
+
+
+def _oracle_model(wrong_after: int, tree):
+    base = tiny("llama")
+    ids = torch.randint(0, V, (1, 9))
+    ref = hf_greedy(base, ids, 120)
+    heads = OracleHeads(DraftHeads.from_base(base, "hydra"), ref[0], 9, wrong_after)
+    model = HydraModel(base, heads, max_cache_len=512, cuda_graph=False)
+    heads.engine = model._get_engine(1, Tree.from_choices(tree), SamplingConfig(), True)[0]
+    return model, ids
+
+
+def test_measured_acceptance_follows_the_drafts():
+    # The oracle drafts the true continuation on the rank-0 path down to depth 2 and wrong tokens elsewhere.
+    model, ids = _oracle_model(wrong_after=2, tree="mc_sim_7b_63")
+    acc = measure_acceptance(model, [ids], "mc_sim_7b_63", max_new_tokens=100)
+    q = dict(zip(acc.nodes, acc.q))
+    assert acc.steps >= 30
+    assert q[(0,)] > 0.9 and q[(0, 0)] > 0.9
+    assert max(v for n, v in q.items() if n not in ((0,), (0, 0))) < 0.1
+    assert len(acc.nodes) == 63 and all(0.0 <= v <= 1.0 for v in acc.q)
+
+
+def test_calibrate_keeps_the_fastest_candidate_and_writes_a_tree_file(tmp_path):
+    model, ids = _oracle_model(wrong_after=99, tree="mc_sim_7b_63")
+    choice = calibrate(model, [ids], budgets=(1, 2, 4), depths=(1, 4), calibration_tree="mc_sim_7b_63",
+                       max_new_tokens=60)
+    assert {c["nodes"] for c in choice.candidates} >= {0, 1, 2, 4}  # the root-only tree is a candidate
+    best = max(choice.candidates, key=lambda c: c["tokens_per_s"])
+    assert choice.step_ms == best["step_ms"] and choice.expected_tokens == best["expected_tokens"]
+    deep = [c for c in choice.candidates if c["max_depth"] == 4 and c["nodes"] == 4]
+    assert deep and deep[0]["expected_tokens"] > 4.0  # the oracle's rank-0 chain is always accepted
+    path = tmp_path / "tree.json"
+    choice.save(path)
+    assert load_tree(path) == choice.tree
+    assert json.loads(path.read_text())["candidates"] == choice.candidates
+
+
+def test_auto_tree_uses_the_heads_tree_file_for_the_device(tmp_path):
+    heads_dir = tmp_path / "heads"
+    perturbed_heads(tiny("llama"), "hydra").save_pretrained(heads_dir)
+    assert resolve_tree("auto", heads_dir, torch.device("cpu")) == "mc_sim_7b_63"
+    TreeChoice(tree=[[0], [1], [0, 0]], expected_tokens=2.0, step_ms=1.0, device="cpu").save(heads_dir / "tree_cpu.json")
+    assert resolve_tree("auto", heads_dir, torch.device("cpu")) == [[0], [1], [0, 0]]
+    assert resolve_tree("auto", heads_dir, torch.device("cuda")) == "mc_sim_7b_63"
+    model = HydraModel.from_pretrained(tiny("llama"), heads_dir)
+    assert model.default_tree == Tree.from_choices([[0], [1], [0, 0]])
+    assert resolve_tree(str(heads_dir / "tree_cpu.json"), None, torch.device("cpu")) == [[0], [1], [0, 0]]
+
+
+def test_bad_tree_files_and_models_without_heads_are_clear_errors(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"format": "something else", "tree": [[0]]}))
+    with pytest.raises(ValueError, match="not a hydra_fast tree file"):
+        load_tree(bad)
+    orphan = tmp_path / "orphan.json"
+    orphan.write_text(json.dumps([[0, 0]]))
+    with pytest.raises(ValueError, match="has no parent"):
+        load_tree(orphan)
+    with pytest.raises(ValueError, match="needs a HydraModel with draft heads"):
+        calibrate(HydraModel(tiny("llama"), None), [torch.randint(0, V, (1, 5))])
