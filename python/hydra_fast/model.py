@@ -112,8 +112,6 @@ class HydraModel:
             weight = base.get_output_embeddings().weight
             tree = resolve_tree(tree, Path(heads), weight.device)
             heads = DraftHeads.from_pretrained(str(heads), base, device=weight.device, dtype=weight.dtype)
-        else:
-            tree = resolve_tree(tree, None, base.get_output_embeddings().weight.device)
         return cls(base, heads, tree=tree, max_cache_len=max_cache_len, use_kernels=use_kernels,
                    cuda_graph=cuda_graph, compile=compile)
 
