@@ -39,7 +39,8 @@ def grown_tree(num_nodes: int, max_depth: int = 4, max_rank: int = 9) -> list[li
     def grow(prefix, score):
         for r in range(max_rank + 1):
             node = prefix + (r,)
-            s = score * accept[min(len(prefix), len(accept) - 1)] * 0.7 ** r
+            a = accept[min(len(prefix), len(accept) - 1)]  # this depth's acceptance
+            s = score * a * 0.7 ** r
             yield s, node
             if len(node) < max_depth:
                 yield from grow(node, s)
