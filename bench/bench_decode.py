@@ -75,8 +75,7 @@ def method_tree(tree, label: str, device):
     """The tree a method runs: ``tree`` itself, or for 'auto' its heads folder's tree for this device."""
     from hydra_fast.model import resolve_tree
 
-    folder = Path(label) if label not in ("untrained", "none") else None
-    return resolve_tree(tree, folder, device) if tree == "auto" else tree
+    return resolve_tree(tree, Path(label) if label not in ("untrained", "none") else None, device)
 
 
 class EagerPhasedRunner:

@@ -23,6 +23,16 @@ sync_tree() {  # the call's working tree -> $1 (code only; build outputs there a
   mkdir -p "$1"
   tar --exclude=./.model_a --exclude=./.model_b --exclude=./.whl --exclude=./.git --exclude=./out -cf - . | tar -xf - -C "$1"
 }
+start_build() {  # the CUDA build of $W in the background; writes $L/build.done when it ends
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,memory.used --format=csv,noheader \
+    | tee "$L/gpu.txt"
+  # The image's default CXX (/opt/gcc/bin/g++) built an _C.so whose integer formatting crashed (2026-11-28).
+  local cxx=""; [ -x /usr/bin/g++ ] && cxx="CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++"
+  (cd "$W" && setsid nohup env $cxx HYDRA_FAST_CUDA=1 MAX_JOBS=12 HYDRA_FAST_BUILD_DIR=/tmp/hfbuild \
+     bash -c 's=$(date +%s); python3 setup.py -q build_ext --inplace; rc=$?; echo "rc=$rc seconds=$(( $(date +%s) - s ))" > /tmp/logs/build.done' \
+     > "$L/build.log" 2>&1 < /dev/null &)
+  say "build started in the background"
+}
 wait_for() {  # wait_for FILE SECONDS
   local i=0; while [ ! -e "$1" ] && [ $i -lt "$2" ]; do sleep 2; i=$((i + 2)); done; [ -e "$1" ]
 }
@@ -32,14 +42,7 @@ A)
   cp .model_a/smolpart00 /tmp/scratch/ && say "stashed GGUF part 1"
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   sync_tree "$W"; sync_tree "$WT"
-  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,memory.used --format=csv,noheader \
-    | tee "$L/gpu.txt"
-  # The image's default CXX (/opt/gcc/bin/g++) built an _C.so whose integer formatting crashed (2026-11-28).
-  CXXS=""; [ -x /usr/bin/g++ ] && CXXS="CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++"
-  (cd "$W" && setsid nohup env $CXXS HYDRA_FAST_CUDA=1 MAX_JOBS=12 HYDRA_FAST_BUILD_DIR=/tmp/hfbuild \
-     bash -c 's=$(date +%s); python3 setup.py -q build_ext --inplace; rc=$?; echo "rc=$rc seconds=$(( $(date +%s) - s ))" > /tmp/logs/build.done' \
-     > "$L/build.log" 2>&1 < /dev/null &)
-  say "build started in the background"
+  start_build
   ;;
 B)
   G=/tmp/scratch/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -126,12 +129,7 @@ S)  # stash the carried bundle part(s) (.gp1 .gp2 .gp3: GGUF + heads tar, split 
     touch "$L/build.started"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gp1/*.whl
     sync_tree "$W"
-    nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,memory.used --format=csv,noheader
-    CXXS=""; [ -x /usr/bin/g++ ] && CXXS="CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++"
-    (cd "$W" && setsid nohup env $CXXS HYDRA_FAST_CUDA=1 MAX_JOBS=12 HYDRA_FAST_BUILD_DIR=/tmp/hfbuild \
-       bash -c 's=$(date +%s); python3 setup.py -q build_ext --inplace; rc=$?; echo "rc=$rc seconds=$(( $(date +%s) - s ))" > /tmp/logs/build.done' \
-       > "$L/build.log" 2>&1 < /dev/null &)
-    say "build started"
+    start_build
   fi
   ;;
 G)  # after S on all three parts: unpack the GGUF and the heads, convert, wait for the build, time (bench_decode)

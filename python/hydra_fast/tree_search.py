@@ -104,9 +104,7 @@ def load_tree(path) -> list[list[int]]:
 def _prefilled(model, ids: torch.Tensor, tree: Tree):
     # the root-only tree is timed as plain decoding (no heads run at all)
     engine, runner = model._get_engine(1, tree, SamplingConfig(), use_heads=tree.num_nodes > 1)
-    gcfg = getattr(model.base, "generation_config", None)
-    pad = gcfg.pad_token_id if gcfg is not None and isinstance(gcfg.pad_token_id, int) else 0
-    prompts = gen.prepare_prompts(ids, None, pad)
+    prompts = gen.prepare_prompts(ids, None, pad_token_id=0)  # one prompt: nothing is padded
     engine.prefill(prompts.ids.to(engine.device), prompts.lengths)
     return engine, runner, int(prompts.lengths[0])
 
@@ -164,21 +162,17 @@ def calibrate(model, prompts: list[torch.Tensor], budgets=(1, 2, 3, 4, 6, 8, 12,
     if model.heads is None:
         raise ValueError("calibrate needs a HydraModel with draft heads")
     acc = measure_acceptance(model, prompts, calibration_tree, max_new_tokens, eos_token_ids)
-    trees = {(): 0}
-    for budget in budgets:
-        for depth in depths:
-            nodes = acc.best_nodes(budget, depth)
-            trees.setdefault(nodes, max((len(n) for n in nodes), default=0))
-    probe = prompts[0]
-    ms_of = {nodes: time_tree(model, [list(n) for n in nodes], probe) for nodes in trees}
-    for _ in range(rounds - 1):
+    trees = list(dict.fromkeys([()] + [acc.best_nodes(b, d) for b in budgets for d in depths]))  # distinct, in order
+    ms_of = dict.fromkeys(trees, float("inf"))
+    for _ in range(rounds):
         for nodes in trees:
-            ms_of[nodes] = min(ms_of[nodes], time_tree(model, [list(n) for n in nodes], probe))
+            ms_of[nodes] = min(ms_of[nodes], time_tree(model, [list(n) for n in nodes], prompts[0]))
     candidates = []
-    for nodes, depth in trees.items():
+    for nodes in trees:
         ms = ms_of[nodes]
         exp = acc.expected_tokens(nodes)
-        candidates.append(dict(nodes=len(nodes), max_depth=depth, expected_tokens=round(exp, 4),
+        candidates.append(dict(nodes=len(nodes), max_depth=max((len(n) for n in nodes), default=0),
+                               expected_tokens=round(exp, 4),
                                step_ms=round(ms, 4), tokens_per_s=round(1e3 * exp / ms, 2),
                                tree=[list(n) for n in nodes]))
         if progress:
@@ -188,5 +182,5 @@ def calibrate(model, prompts: list[torch.Tensor], budgets=(1, 2, 3, 4, 6, 8, 12,
     return TreeChoice(tree=best["tree"], expected_tokens=best["expected_tokens"], step_ms=best["step_ms"],
                       device=str(model.device), candidates=[{k: v for k, v in c.items() if k != "tree"}
                                                             for c in candidates],
-                      calibration=dict(steps=acc.steps, prompts=len(prompts), tree_nodes=len(acc.nodes) + 1, rounds=rounds,
-                                       max_new_tokens=max_new_tokens))
+                      calibration=dict(steps=acc.steps, prompts=len(prompts), tree_nodes=len(acc.nodes) + 1,
+                                       rounds=rounds, max_new_tokens=max_new_tokens))
