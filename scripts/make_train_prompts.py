@@ -2,6 +2,7 @@
 
     bash scripts/fetch_prompt_sources.sh out/prompt_sources
     python scripts/make_train_prompts.py --sources out/prompt_sources --out .data/train_prompts.jsonl.gz
+    python scripts/make_train_prompts.py --scale 2 --out .data/train_prompts_x2.jsonl.gz    # ~15k prompts
     hydra-fast-train default-heads ... --source jsonl:7764@.data/train_prompts.jsonl.gz
 
 One jsonl line per prompt ({"prompt": ...}), deduplicated, shuffled, checked against MT-Bench; the counts per
@@ -11,6 +12,7 @@ machine needs neither the source files nor the rdata/Debian tooling that reads t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gzip
 import json
 import sys
@@ -30,9 +32,13 @@ def main(argv=None) -> int:
     ap.add_argument("--sources", default="out/prompt_sources", help="folder written by fetch_prompt_sources.sh")
     ap.add_argument("--out", type=Path, default=Path(".data/train_prompts.jsonl.gz"))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--scale", type=float, default=1.0,
+                    help="multiply every count of the mix (HumanEval stays whole): 2 gives ~15k prompts")
     ap.add_argument("--mt-bench", default=None, help="MT-Bench questions to keep out (default: shared/data)")
     args = ap.parse_args(argv)
     specs = [src.SourceSpec.parse(m.format(S=args.sources)) for m in MIX]
+    specs = [s if s.name == "humaneval" else dataclasses.replace(s, count=round(s.count * args.scale))
+             for s in specs]
     prompts, counts = src.collect_prompts(specs, args.seed)
     checked = src.check_no_mt_bench(prompts, src.find_mt_bench(args.mt_bench))
     args.out.parent.mkdir(parents=True, exist_ok=True)

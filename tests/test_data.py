@@ -223,3 +223,19 @@ def test_collate_masks_only_answers():
     assert b.input_ids.tolist() == [[5, 6, 7, 8], [1, 2, 3, 0]]
     assert b.attention_mask.tolist() == [[True] * 4, [True, True, True, False]]
     assert b.answer_mask.tolist() == [[False, False, False, True], [False, True, True, False]]
+
+
+def test_workers_build_the_files_of_one_process(tmp_path, model, tok, mt_bench):
+    one = build(model, tok, tmp_path / "one", cfg(), mt_bench=mt_bench, progress=False)
+    # worker 1 of 2 first (it writes the manifest), then worker 0: shards 1 / 0 and 2
+    m1 = build(model, tok, tmp_path / "two", cfg(), mt_bench=mt_bench, progress=False, workers=2, worker=1)
+    assert list(m1["shards"]) == ["00001"] and not m1["complete"]
+    m = build(model, tok, tmp_path / "two", cfg(), mt_bench=mt_bench, progress=False, workers=2, worker=0)
+    assert m["complete"] and sorted(m["shards"]) == ["00000", "00001", "00002"]
+    assert shard_hashes(tmp_path / "two") == shard_hashes(tmp_path / "one")
+    assert m["skipped_long_prompts"] == one["skipped_long_prompts"]
+    assert len(SelfDistillData(tmp_path / "two", model)) == 12
+    with pytest.raises(ValueError, match="0 <= worker < workers"):
+        build(model, tok, tmp_path / "x", cfg(), mt_bench=mt_bench, progress=False, workers=2, worker=2)
+    with pytest.raises(DataError, match="delete .* first"):
+        build(model, tok, tmp_path / "two", cfg(), mt_bench=mt_bench, progress=False, workers=2, overwrite=True)

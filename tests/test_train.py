@@ -287,9 +287,11 @@ def test_cli_data_and_fit(model_dir, tmp_path, capsys):
 def test_default_heads_pipeline(model_dir, tmp_path, capsys):
     args = ["default-heads", "--model", str(model_dir), "--device", "cpu", "--quiet", "--out", str(tmp_path / "o"),
             "--source", "builtin:12", "--max-new-tokens", "12", "--gen-batch-size", "6", "--shard-size", "6",
-            "--batch-size", "4", "--time-budget", "10", "--reserve", "3", "--pack-dir", str(tmp_path / "pack")]
+            "--batch-size", "4", "--time-budget", "20", "--reserve", "3", "--pack-dir", str(tmp_path / "pack"),
+            "--data-workers", "2"]
     assert cli.main(args) == 0
     out = capsys.readouterr().out
+    assert "12 samples" in out  # both workers' shards
     for kind, folder in (("medusa", "medusa"), ("hydra", "hydra"), ("hydra++", "hydra_pp")):
         heads = DraftHeads.from_pretrained(tmp_path / "o" / folder, tiny_llama())
         assert heads.config.kind == kind and heads.config.dtype == "bfloat16" and not heads.config.own_lm_head
@@ -321,3 +323,38 @@ def test_default_heads_survives_a_failing_kind(model_dir, tmp_path, monkeypatch,
     assert not (tmp_path / "o" / "hydra").exists()
     assert math.isfinite(DraftHeads.from_pretrained(tmp_path / "o" / "medusa", tiny_llama())
                          .heads[0].blocks[0].weight.float().sum().item())
+
+
+def test_cli_data_workers_run_side_by_side(model_dir, tmp_path, capsys):
+    """--workers 2 starts a second process; together they write the files of a one-process build."""
+    common = ["data", "--model", str(model_dir), "--device", "cpu", "--quiet", "--source", "builtin:8",
+              "--max-new-tokens", "6", "--gen-batch-size", "2", "--shard-size", "2"]
+    assert cli.main([*common, "--out", str(tmp_path / "one")]) == 0
+    assert cli.main([*common, "--out", str(tmp_path / "two"), "--workers", "2"]) == 0
+    assert "8 samples in 4 shards" in capsys.readouterr().out.splitlines()[-1]
+    from hydra_fast.train.dataset import read_manifest
+
+    a, b = read_manifest(tmp_path / "one"), read_manifest(tmp_path / "two")
+    assert b["complete"] and {k: v["sha256"] for k, v in a["shards"].items()} == \
+        {k: v["sha256"] for k, v in b["shards"].items()}
+    assert cli.main([*common, "--out", str(tmp_path / "three"), "--workers", "2", "--worker", "2"]) == 2
+    assert "--worker 2 is not in 0..1" in capsys.readouterr().err
+
+
+def test_train_samples_subset_and_per_recipe_weight_decay(model, data, tmp_path):
+    import dataclasses
+
+    full = Trainer(model, data, config(eval_fraction=0.2), tmp_path / "a", progress=False)
+    sub = Trainer(model, data, config(eval_fraction=0.2, train_samples=5), tmp_path / "b", progress=False)
+    assert sub.eval_idx == full.eval_idx and len(sub.train_idx) == 5 and set(sub.train_idx) <= set(full.train_idx)
+    again = Trainer(model, data, config(eval_fraction=0.2, train_samples=5), tmp_path / "c", progress=False)
+    assert again.train_idx == sub.train_idx  # seeded
+    with pytest.raises(ValueError, match="train_samples=99 but the data has only"):
+        Trainer(model, data, config(eval_fraction=0.2, train_samples=99), tmp_path / "d", progress=False)
+    recipes = (RECIPES["medusa"], dataclasses.replace(RECIPES["hydra"], weight_decay=0.1))
+    t = Trainer(model, data, TrainConfig(recipes=recipes, weight_decay=0.01, steps=1), tmp_path / "e", progress=False)
+    assert [s.optimizer.param_groups[0]["weight_decay"] for s in t.sets] == [0.01, 0.1]
+    args = cli.parser().parse_args(["fit", "--data", "d", "--out", "o", "--kinds", "medusa,hydra",
+                                    "--weight-decay", "0.2", "--train-samples", "7"])
+    tc = cli.train_config(args, ["medusa", "hydra"])
+    assert [r.weight_decay for r in tc.recipes] == [0.2, 0.2] and tc.train_samples == 7

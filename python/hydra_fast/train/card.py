@@ -43,7 +43,8 @@ def write_card(directory, recipe: HeadRecipe, config: TrainConfig, manifest: dic
         f"- answered by the base model itself with its chat template ({'on' if recipe_d['chat_template'] else 'off'}),"
         f" {gen}, at most {recipe_d['max_new_tokens']} new tokens",
         f"- {samples} samples, {answer_tokens} answer tokens (only answer tokens are scored)"
-        f"{'' if manifest.get('complete') else '; the build stopped early (time budget)'}",
+        f"{'' if manifest.get('complete') else '; the build stopped early (time budget)'}"
+        f"{f'; trained on a seeded subset of {config.train_samples}' if config.train_samples else ''}",
         f"- MT-Bench guard: {guard.get('questions_checked', 0)} first turns checked"
         f" ({guard.get('file') or 'no MT-Bench file found'})",
         "",
@@ -52,7 +53,7 @@ def write_card(directory, recipe: HeadRecipe, config: TrainConfig, manifest: dic
         f"- {steps} optimizer steps in {seconds:.0f} s; micro-batch {config.batch_size} x grad-accum "
         f"{config.grad_accum} (per rank), max_len {config.max_len}",
         f"- AdamW lr {recipe.lr} (warm-up {config.warmup:.0%}, cosine to {config.min_lr_ratio}x), weight decay "
-        f"{config.weight_decay}, grad clip {config.grad_clip}",
+        f"{recipe.decay(config)}, grad clip {config.grad_clip}",
         f"- loss per head: {1 - recipe.teacher_weight:g} x CE(data token) + {recipe.teacher_weight:g} x "
         f"KL(base distribution || head); head weights {recipe.head_decay}^i; dropout {recipe.dropout}, "
         f"input noise {recipe.noise}",

@@ -1,6 +1,7 @@
 """``hydra-fast-train``: build self-distilled data, train draft heads, or run the default-heads pipeline.
 
-    hydra-fast-train data --model DIR --out data/ --source builtin:2000 --source stdlib:2000
+    hydra-fast-train data --model DIR --out data/ --source builtin:2000 --source stdlib:2000 [--workers 4]
+    torchrun --nproc_per_node 2 -m hydra_fast.train data ...       # one worker per GPU
     hydra-fast-train fit  --model DIR --data data/ --out heads/ --kinds medusa,hydra,hydra++ --steps 2000
     torchrun --nproc_per_node 2 -m hydra_fast.train fit ...        # data parallel (gloo on CPU, NCCL on CUDA)
     hydra-fast-train default-heads --model DIR --out heads/ --prompts 4000 --time-budget 480
@@ -8,7 +9,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +19,7 @@ import torch
 
 from hydra_fast import hub
 from hydra_fast.train import sources as src
+from hydra_fast.train.dataset import DataError
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -60,6 +64,7 @@ def add_fit_args(p: argparse.ArgumentParser) -> None:
                               ("head-decay", float, "head i's loss weight decay**i (preset 0.8)"),
                               ("dropout", float, "dropout on the hidden states the heads read (preset 0)"),
                               ("noise", float, "input noise, relative std (preset 0)"),
+                              ("weight-decay", float, "AdamW weight decay (preset 0)"),
                               ("num-heads", int, "heads per set (preset 4)"),
                               ("num-layers", int, "MLP blocks per head (preset 1; 4 for hydra++)")):
         p.add_argument(f"--{name}", type=kind, default=None, help=help_ + "; overrides every kind's preset")
@@ -69,8 +74,9 @@ def add_fit_args(p: argparse.ArgumentParser) -> None:
                         "projections) or copy (the base's last decoder layer)")
     p.add_argument("--warmup", type=float, default=0.05, help="warm-up fraction of the schedule")
     p.add_argument("--min-lr-ratio", type=float, default=0.1)
-    p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--eval-fraction", type=float, default=0.02)
+    p.add_argument("--train-samples", type=int, default=None,
+                   help="train on a seeded subset of this many samples (default: all; for data-size ablations)")
     p.add_argument("--eval-every", type=int, default=0)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--ckpt-every", type=int, default=200)
@@ -87,6 +93,11 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True, help="data directory")
     d.add_argument("--time-budget", type=float, default=None, help="stop starting shards after this many s")
     d.add_argument("--overwrite", action="store_true", help="discard an existing build in --out")
+    d.add_argument("--workers", type=int, default=None,
+                   help="processes answering shards side by side (default 1; under torchrun: one per rank). "
+                        "Small models are bound by host time per step, so several fit on one GPU")
+    d.add_argument("--worker", type=int, default=None,
+                   help="run only this worker (0-based) of --workers (the others run elsewhere)")
     add_data_args(d)
     f = sub.add_parser("fit", help="train head sets on a data directory (torchrun for data parallel)")
     _common(f)
@@ -134,21 +145,83 @@ def train_config(args, kinds: list[str], **extra):
     recipes = recipes_for(kinds, lr=args.lr, teacher_weight=args.teacher_weight, head_decay=args.head_decay,
                           dropout=args.dropout, noise=args.noise, num_heads=args.num_heads,
                           num_layers=args.num_layers, own_lm_head=args.own_lm_head,
-                          prefix_init=args.prefix_init)
+                          prefix_init=args.prefix_init, weight_decay=args.weight_decay)
     fields = dict(recipes=recipes, steps=args.steps, max_seconds=args.max_seconds, batch_size=args.batch_size,
                   grad_accum=args.grad_accum, max_len=args.max_len, warmup=args.warmup,
-                  min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay, seed=args.seed,
-                  eval_fraction=args.eval_fraction, eval_every=args.eval_every, log_every=args.log_every,
+                  min_lr_ratio=args.min_lr_ratio, seed=args.seed,
+                  eval_fraction=args.eval_fraction, train_samples=args.train_samples, eval_every=args.eval_every,
+                  log_every=args.log_every,
                   ckpt_every=args.ckpt_every, save_dtype=args.save_dtype)
     return TrainConfig(**{**fields, **extra})
 
 
-def run_data(args) -> dict:
+def _data_workers(args) -> tuple[int, int | None]:
+    """(workers, worker): worker None means "spawn the others here"; under torchrun each rank is one worker."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.workers is None and args.worker is None and world > 1:
+        rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+        if args.device is None and torch.cuda.is_available():
+            args.device = f"cuda:{local}"
+        return world, rank
+    workers = 1 if args.workers is None else args.workers
+    if workers < 1:
+        raise DataError(f"--workers must be at least 1, got {workers}")
+    if args.worker is not None and not 0 <= args.worker < workers:
+        raise DataError(f"--worker {args.worker} is not in 0..{workers - 1} (--workers {workers})")
+    return workers, (0 if workers == 1 else args.worker)
+
+
+def _spawn_workers(argv: list[str], workers: int) -> list[subprocess.Popen]:
+    """Workers 1..K-1 of a data build as child processes running the same command with --worker i."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in [str(Path(__file__).resolve().parents[2]),
+                                                                      os.environ.get("PYTHONPATH", "")] if p))
+    return [subprocess.Popen([sys.executable, "-m", "hydra_fast.train", *argv, "--workers", str(workers),
+                              "--worker", str(i), "--quiet"], env=env) for i in range(1, workers)]
+
+
+def data_argv(args, out, time_budget: float | None) -> list[str]:
+    """The ``data`` command line that rebuilds args' data set in ``out`` (for spawned workers)."""
+    argv = ["data", "--out", str(out), "--seed", str(args.seed), "--max-new-tokens", str(args.max_new_tokens),
+            "--temperature", str(args.temperature), "--top-p", str(args.top_p), "--gen-batch-size",
+            str(args.gen_batch_size), "--shard-size", str(args.shard_size), "--max-prompt-tokens",
+            str(args.max_prompt_tokens)]
+    for flag, value in (("--model", args.model), ("--tokenizer", args.tokenizer), ("--device", args.device),
+                        ("--dtype", args.dtype), ("--system-prompt", args.system_prompt),
+                        ("--mt-bench", args.mt_bench), ("--time-budget", time_budget)):
+        if value is not None:
+            argv += [flag, str(value)]
+    for spec in args.source or []:
+        argv += ["--source", spec]
+    argv += ["--sample"] * bool(args.sample) + ["--no-chat-template"] * bool(args.no_chat_template)
+    return argv
+
+
+def run_data(args, argv: list[str] | None = None) -> dict:
     from hydra_fast.train.selfdistill import build
 
-    base, tok = load_base(args)
-    return build(base, tok, args.out, build_config(args), mt_bench=args.mt_bench, time_budget_s=args.time_budget,
-                 overwrite=args.overwrite, progress=not args.quiet)
+    workers, worker = _data_workers(args)
+    children = []
+    if worker is None:  # this process is worker 0 and starts the others
+        if args.overwrite:
+            raise DataError("--overwrite with --workers > 1: delete the output folder instead")
+        base_argv = [a for a in (argv if argv is not None else sys.argv[1:])]
+        children = _spawn_workers(base_argv, workers)
+        worker = 0
+    try:
+        base, tok = load_base(args)
+        manifest = build(base, tok, args.out, build_config(args), mt_bench=args.mt_bench,
+                         time_budget_s=args.time_budget, overwrite=args.overwrite, progress=not args.quiet,
+                         workers=workers, worker=worker)
+    finally:
+        failed = [i + 1 for i, c in enumerate(children) if c.wait() != 0]
+    if failed:
+        raise DataError(f"data workers {failed} of {workers} failed (their errors are above); run the same "
+                        "command again to finish their shards")
+    if children:  # the others finished after this worker: the manifest on disk is the whole build
+        from hydra_fast.train.dataset import read_manifest
+
+        manifest = read_manifest(args.out)
+    return manifest
 
 
 def run_fit(args) -> dict:
@@ -197,7 +270,7 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
         if args.command == "data":
-            m = run_data(args)
+            m = run_data(args, argv)
             n = sum(s["num_samples"] for s in m["shards"].values())
             print(f"hydra_fast.train: {n} samples in {len(m['shards'])} shards at {args.out}"
                   f"{'' if m['complete'] else ' (incomplete: run again to resume)'}")

@@ -20,6 +20,7 @@ class HeadRecipe:
     dropout: float = 0.0  # on the base hidden state the heads read
     noise: float = 0.0  # Gaussian input noise, std relative to each hidden state's RMS
     lr: float = 1e-3
+    weight_decay: float | None = None  # None: the TrainConfig's
     # hydra++ prefix layer at step 0: "copy" = the base's last decoder layer (DraftHeads.from_base);
     # "identity" = that copy with its residual branches' output projections zeroed, so it passes the base
     # hidden state through and untrained heads start from the base LM head's predictions like the other kinds
@@ -34,6 +35,9 @@ class HeadRecipe:
             raise ValueError(f"teacher_weight must be in [0, 1], got {self.teacher_weight}")
         if not 0.0 <= self.dropout < 1.0 or self.noise < 0:
             raise ValueError(f"need 0 <= dropout < 1 and noise >= 0, got {self.dropout}, {self.noise}")
+
+    def decay(self, config: "TrainConfig") -> float:
+        return config.weight_decay if self.weight_decay is None else self.weight_decay
 
     def head_weights(self) -> list[float]:
         return [self.head_decay ** i for i in range(self.num_heads)]
@@ -77,6 +81,7 @@ class TrainConfig:
     seed: int = 0
     eval_fraction: float = 0.02  # held-out share of the data (per-head accuracy in the model card)
     eval_max: int = 256  # held-out samples at most
+    train_samples: int | None = None  # train on a seeded subset of this many samples (data-size ablations)
     eval_every: int = 0  # steps between held-out evaluations (0: only at the end)
     log_every: int = 10
     ckpt_every: int = 200  # steps between checkpoints (0: only at the end)
@@ -87,6 +92,8 @@ class TrainConfig:
             raise ValueError("no head recipes to train")
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1 or self.max_len < 4:
             raise ValueError("need steps, batch_size, grad_accum >= 1 and max_len >= 4")
+        if self.train_samples is not None and self.train_samples < 1:
+            raise ValueError(f"train_samples must be at least 1 (or None for all), got {self.train_samples}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -4,9 +4,16 @@ Prompts come from ``sources`` (seeded, deduplicated, MT-Bench-guarded); each is 
 template and answered with HF ``generate`` in left-padded batches (greedy, or sampled with a per-shard seed).
 Shards are written atomically and listed in the manifest as they finish, so an interrupted build resumes where
 it stopped and produces the same files as an uninterrupted one.
+
+Several processes can build one directory together (``workers=K``, one call per ``worker`` in 0..K-1, on one
+GPU or several): worker w answers the shards s with s % K == w and the manifest is updated under a file lock.
+A shard's content depends only on its prompts and the seed, so the files are those of a one-process build.
+Generation of a small model is bound by host time per step, so K processes on one GPU finish K times sooner
+until the GPU is busy.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -129,16 +136,42 @@ def _check_resume(manifest: dict, fresh: dict, directory: Path) -> None:
             f"{': another base model' if 'base' in diff else ''}); use a new output directory, or --overwrite")
 
 
+@contextlib.contextmanager
+def _locked(directory: Path):
+    """An exclusive lock on the data directory's manifest, held across read-modify-write by any worker."""
+    import fcntl
+
+    with open(directory / ".manifest.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _read(manifest_path: Path) -> dict:
+    with open(manifest_path) as f:
+        return json.load(f)
+
+
 def build(base_model, tokenizer, directory, config: BuildConfig = BuildConfig(), mt_bench=None,
-          time_budget_s: float | None = None, overwrite: bool = False, progress: bool = True) -> dict:
+          time_budget_s: float | None = None, overwrite: bool = False, progress: bool = True,
+          workers: int = 1, worker: int = 0) -> dict:
     """Generate (or finish) the data set in ``directory``; returns the manifest.
 
     mt_bench: the MT-Bench question file to guard against (default: ``sources.find_mt_bench()``).
-    time_budget_s: stop before a shard that would end past the budget (the manifest says complete: false)."""
+    time_budget_s: stop before a shard that would end past the budget (the manifest says complete: false).
+    workers, worker: this call answers only the shards s with s % workers == worker; the other workers run
+    the same call (same directory and config) in other processes, at the same time or later."""
     from tqdm.auto import tqdm
 
     t0 = time.monotonic()
     directory = Path(directory)
+    if not (isinstance(workers, int) and isinstance(worker, int) and workers >= 1 and 0 <= worker < workers):
+        raise ValueError(f"need workers >= 1 and 0 <= worker < workers, got worker {worker} of {workers}")
+    if overwrite and workers > 1:
+        raise DataError(f"overwrite with {workers} workers would let one worker delete the others' shards; "
+                        f"delete {directory} first, then start the workers")
     check_tokenizer(tokenizer, base_model)
     specs = [src.SourceSpec.parse(s) for s in config.sources]
     prompts, counts = src.collect_prompts(specs, config.seed)
@@ -156,37 +189,38 @@ def build(base_model, tokenizer, directory, config: BuildConfig = BuildConfig(),
         "shards": {}, "skipped_long_prompts": 0, "complete": False,
     }
     manifest_path = directory / MANIFEST
-    if manifest_path.exists() and not overwrite:
-        with open(manifest_path) as f:
-            manifest = json.load(f)
-        if manifest.get("base") != fresh["base"]:
-            check_base(manifest, base_model, str(directory))
-        _check_resume(manifest, fresh, directory)
-    else:
-        directory.mkdir(parents=True, exist_ok=True)
-        for old in directory.glob("shard-*.safetensors"):
-            old.unlink()
-        manifest = fresh
-        with open(directory / PROMPTS, "w") as f:
-            for i, p in enumerate(prompts):
-                f.write(json.dumps({"index": i, "prompt": p}) + "\n")
-        write_json_atomic(manifest_path, manifest)
+    directory.mkdir(parents=True, exist_ok=True)
+    with _locked(directory):  # the first worker to get here writes the manifest; the others check it
+        if manifest_path.exists() and not overwrite:
+            manifest = _read(manifest_path)
+            if manifest.get("base") != fresh["base"]:
+                check_base(manifest, base_model, str(directory))
+            _check_resume(manifest, fresh, directory)
+        else:
+            for old in directory.glob("shard-*.safetensors"):
+                old.unlink()
+            manifest = fresh
+            with open(directory / PROMPTS, "w") as f:
+                for i, p in enumerate(prompts):
+                    f.write(json.dumps({"index": i, "prompt": p}) + "\n")
+            write_json_atomic(manifest_path, manifest)
 
     eos = stop_ids(base_model, tokenizer)
     pad = base_model.generation_config.pad_token_id
     pad = eos[0] if pad is None else (pad if isinstance(pad, int) else pad[0])
     num_shards = -(-len(prompts) // config.shard_size)
+    mine = [s for s in range(num_shards) if s % workers == worker]
     done = {k for k, v in manifest["shards"].items() if (directory / v["file"]).is_file()
             and sha256_file(directory / v["file"]) == v["sha256"]}
-    bar = tqdm(total=len(prompts), initial=min(len(prompts), len(done) * config.shard_size), unit="prompt",
-               desc="self-distill", disable=not progress)
-    slowest = 0.0
-    for s in range(num_shards):
+    todo = [s for s in mine if f"{s:05d}" not in done]
+    bar = tqdm(total=sum(min(len(prompts), (s + 1) * config.shard_size) - s * config.shard_size for s in todo),
+               unit="prompt", desc="self-distill" if workers == 1 else f"self-distill {worker + 1}/{workers}",
+               disable=not progress)
+    slowest, finished = 0.0, 0
+    for s in todo:
         key = f"{s:05d}"
-        if key in done:
-            continue
         over = time_budget_s is not None and time.monotonic() - t0 + slowest > time_budget_s
-        if over and manifest["shards"]:  # a budget always buys at least one shard
+        if over and (finished or manifest["shards"]):  # a budget always buys at least one shard
             break
         ts = time.monotonic()
         lo, hi = s * config.shard_size, min(len(prompts), (s + 1) * config.shard_size)
@@ -204,14 +238,21 @@ def build(base_model, tokenizer, directory, config: BuildConfig = BuildConfig(),
         samples.sort(key=lambda e: e[2])
         entry = _write_shard(directory / f"shard-{key}.safetensors", samples)
         entry["seconds"] = round(time.monotonic() - ts, 2)
-        manifest["shards"][key] = entry
-        manifest["skipped_long_prompts"] = manifest.get("skipped_long_prompts", 0) + len(encoded) - len(kept)
-        manifest["complete"] = len(manifest["shards"]) == num_shards
-        write_json_atomic(manifest_path, manifest)
+        entry["skipped_long_prompts"] = len(encoded) - len(kept)
+        with _locked(directory):  # other workers may have added their shards since we last read
+            manifest = _read(manifest_path)
+            manifest["shards"][key] = entry
+            manifest["skipped_long_prompts"] = sum(v.get("skipped_long_prompts", 0)
+                                                   for v in manifest["shards"].values())
+            manifest["complete"] = len(manifest["shards"]) == num_shards
+            write_json_atomic(manifest_path, manifest)
+        finished += 1
         slowest = max(slowest, time.monotonic() - ts)
     bar.close()
-    manifest["complete"] = len(manifest["shards"]) == num_shards
-    write_json_atomic(manifest_path, manifest)
+    with _locked(directory):
+        manifest = _read(manifest_path)
+        manifest["complete"] = len(manifest["shards"]) == num_shards
+        write_json_atomic(manifest_path, manifest)
     if not manifest["shards"]:
         raise DataError(f"{directory}: no shard was finished (time budget {time_budget_s} s too short?)")
     if not any(v["num_samples"] for v in manifest["shards"].values()):

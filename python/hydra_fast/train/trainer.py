@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import random
 import sys
 import time
 import traceback
@@ -74,6 +75,12 @@ class Trainer:
         self.lm_head = lambda x: F.linear(x.to(lm.weight.dtype), lm.weight, lm.bias)  # [*, d] -> [*, V]
         self.autocast = self.device.type == "cuda"
         self.train_idx, self.eval_idx = data.split(config.eval_fraction, config.seed, config.eval_max)
+        if config.train_samples is not None:  # the same held-out split, fewer training samples
+            if config.train_samples > len(self.train_idx):
+                raise ValueError(f"train_samples={config.train_samples} but the data has only "
+                                 f"{len(self.train_idx)} training samples (after {len(self.eval_idx)} held out)")
+            self.train_idx = sorted(random.Random(f"{config.seed}:subset").sample(self.train_idx,
+                                                                                  config.train_samples))
         self.num_heads = max(r.num_heads for r in config.recipes)
         self.teacher = any(r.teacher_weight > 0 for r in config.recipes)
         self.sets = [self._make_set(r) for r in config.recipes]
@@ -94,7 +101,7 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             model = DistributedDataParallel(objective, device_ids=ids, broadcast_buffers=False)
         opt = torch.optim.AdamW(objective.parameters(), lr=recipe.lr, betas=self.config.betas,
-                                weight_decay=self.config.weight_decay)
+                                weight_decay=recipe.decay(self.config))
         gen = torch.Generator(device=self.device)
         gen.manual_seed(self.config.seed * 1009 + self.dist.rank)
         stats = torch.zeros(recipe.num_heads, len(STATS), device=self.device)
