@@ -239,3 +239,63 @@ def test_workers_build_the_files_of_one_process(tmp_path, model, tok, mt_bench):
         build(model, tok, tmp_path / "x", cfg(), mt_bench=mt_bench, progress=False, workers=2, worker=2)
     with pytest.raises(DataError, match="delete .* first"):
         build(model, tok, tmp_path / "two", cfg(), mt_bench=mt_bench, progress=False, workers=2, overwrite=True)
+
+
+def test_cached_hidden_and_top_k_are_the_base_outputs(tmp_path, model, tok, mt_bench):
+    plain = build(model, tok, tmp_path / "plain", cfg(), mt_bench=mt_bench, progress=False)
+    m = build(model, tok, tmp_path / "c", cfg(cache_hidden=True, cache_top_k=7), mt_bench=mt_bench, progress=False)
+    assert m["recipe"]["cache_top_k"] == 7 and plain["complete"]
+    data, ref = SelfDistillData(tmp_path / "c", model), SelfDistillData(tmp_path / "plain", model)
+    assert data.has_hidden and data.top_k == 7 and not ref.has_hidden and ref.top_k == 0
+    assert all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(data.samples, ref.samples))
+    for i in (0, 5, 11):
+        ids, start = data[i]
+        c = data.cached[i]
+        with torch.no_grad():
+            h = model.get_decoder()(input_ids=ids.view(1, -1)).last_hidden_state[0]  # [L, d]
+            logp = torch.log_softmax(model.lm_head(h).float(), -1)  # [L, V]
+        torch.testing.assert_close(c.hidden.float(), h, atol=2e-2, rtol=1e-2)  # bf16 storage
+        assert c.top_ids.shape == (len(ids) - start, 7)
+        v, j = logp[start - 1: len(ids) - 1].topk(7, dim=-1)  # answer token t <- position t - 1
+        assert torch.equal(c.top_ids.long(), j)
+        torch.testing.assert_close(c.top_logp.float(), v, atol=2e-2, rtol=1e-3)  # fp16 storage
+    # a batch puts each answer token's teacher at the position before it, padding elsewhere
+    b = collate([data[0], data[1]], max_len=64, cached=[data.cached[0], data.cached[1]])
+    ids, start = data[1]
+    assert b.hidden.shape[:2] == b.input_ids.shape and torch.equal(b.top_ids[1, start - 1], data.cached[1].top_ids[0].long())
+    assert torch.isinf(b.top_logp[1, : start - 1]).all() and b.hidden[1, len(ids):].abs().sum() == 0
+    # another cache setting is another recipe: resuming into it is refused
+    with pytest.raises(DataMismatchError, match="recipe differ"):
+        build(model, tok, tmp_path / "c", cfg(cache_hidden=True), mt_bench=mt_bench, progress=False)
+
+
+def test_manifests_from_before_the_cache_options_still_resume(tmp_path, model, tok, mt_bench):
+    d = tmp_path / "d"
+    build(model, tok, d, cfg(), mt_bench=mt_bench, progress=False, time_budget_s=1e-9)  # one shard of three
+    m = read_manifest(d)
+    for key in ("cache_hidden", "cache_top_k"):
+        del m["recipe"][key]
+    (d / MANIFEST).write_text(json.dumps(m))
+    m = build(model, tok, d, cfg(), mt_bench=mt_bench, progress=False)
+    assert m["complete"] and len(m["shards"]) == 3
+
+
+def test_corrupt_cache_is_a_clear_error(tmp_path, model, tok, mt_bench):
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "d"
+    build(model, tok, d, cfg(cache_hidden=True, cache_top_k=3), mt_bench=mt_bench, progress=False)
+    shard = d / "shard-00000.safetensors"
+    t = load_file(shard)
+    t["top_ids"] = t["top_ids"][:-1].contiguous()
+    t["top_logp"] = t["top_logp"][:-1].contiguous()
+    save_file(t, shard)
+    m = read_manifest(d)
+    from hydra_fast.hub import sha256_file
+
+    m["shards"]["00000"]["sha256"] = sha256_file(shard)
+    (d / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(DataError, match="do not match its samples"):
+        SelfDistillData(d, model)
+    with pytest.raises(ValueError, match="cache_top_k must be >= 0"):
+        BuildConfig(cache_top_k=-1)

@@ -358,3 +358,69 @@ def test_train_samples_subset_and_per_recipe_weight_decay(model, data, tmp_path)
                                     "--weight-decay", "0.2", "--train-samples", "7"])
     tc = cli.train_config(args, ["medusa", "hydra"])
     assert [r.weight_decay for r in tc.recipes] == [0.2, 0.2] and tc.train_samples == 7
+
+
+@pytest.fixture(scope="module")
+def cached_data(tmp_path_factory, model):
+    """The data of data_dir again, with the base's hidden states and its full distribution (k = V) cached."""
+    d = tmp_path_factory.mktemp("cached")
+    build(model, char_tokenizer(), d, BuildConfig(sources=("builtin:16",), max_new_tokens=16, batch_size=8,
+                                                   shard_size=8, cache_hidden=True, cache_top_k=128),
+          progress=False)
+    return SelfDistillData(d, model)
+
+
+def test_sparse_kl_is_kl_of_the_renormalised_top_k():
+    from hydra_fast.train.losses import sparse_kl
+
+    torch.manual_seed(0)
+    logp = torch.log_softmax(torch.randn(6, 20), -1)
+    teacher = torch.log_softmax(torch.randn(6, 20) * 2, -1)
+    v, j = teacher.topk(20, -1)  # k = V: the exact KL
+    torch.testing.assert_close(sparse_kl(logp, j, v), F.kl_div(logp, teacher, log_target=True, reduction="sum"))
+    v, j = teacher.topk(4, -1)
+    renorm = torch.full_like(teacher, float("-inf")).scatter(-1, j, v - torch.logsumexp(v, -1, keepdim=True))
+    expect = (renorm.exp() * (renorm.clamp_min(-1e30) - logp)).sum()
+    torch.testing.assert_close(sparse_kl(logp, j, v), expect)
+    v[:, -1] = float("-inf")  # an empty slot adds nothing
+    assert torch.isfinite(sparse_kl(logp, j, v))
+
+
+def test_cached_data_trains_without_the_base_forward(model, data, cached_data, tmp_path, monkeypatch):
+    kinds = ("medusa", "hydra++")  # CE and teacher loss
+    plain = Trainer(model, data, config(kinds, eval_fraction=0.2), tmp_path / "a", progress=False)
+    fast = Trainer(model, cached_data, config(kinds, eval_fraction=0.2), tmp_path / "b", progress=False)
+    assert fast.cached_hidden and fast.cached_top_k == 128 and not plain.cached_hidden
+    picks = plain.rank_batch_indices(0, 0)
+    losses = {}
+    for name, t in (("plain", plain), ("fast", fast)):
+        batch = t._collate(picks)
+        if name == "fast":  # no base forward: the cached hidden states stand in for it
+            monkeypatch.setattr(t.decoder, "forward", lambda *a, **k: pytest.fail("base forward ran"))
+        hidden, pe, targets = t._base_forward(batch, t.teacher)
+        # and the cached top-k for the teacher's full distribution from the LM head
+        assert (targets.teacher_top is not None, targets.teacher_logp is None) == ((name == "fast",) * 2)
+        for s in t.sets:
+            s.objective.eval()
+            losses[name, s.recipe.kind] = t._run_set(s, batch, hidden, pe, targets, train=False)
+    for kind in kinds:  # same loss and statistics; bf16 hidden states and fp16 log-probabilities in the cache
+        torch.testing.assert_close(losses["fast", kind][0], losses["plain", kind][0], rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(losses["fast", kind][1][:, 4], losses["plain", kind][1][:, 4])  # token counts
+    # the loop runs on it, and --no-cache goes back to the base
+    fast.fit(resume=False)
+    assert (tmp_path / "b" / "hydra_pp" / "README.md").read_text().count("hidden states cached by the data build")
+    off = Trainer(model, cached_data, config(kinds, use_cache=False), tmp_path / "c", progress=False)
+    assert not off.cached_hidden and off.cached_top_k == 0 and off._collate(picks).hidden is None
+
+
+def test_cli_cached_data_with_workers_then_fit(model_dir, tmp_path, capsys):
+    common = ["--model", str(model_dir), "--device", "cpu", "--quiet"]
+    assert cli.main(["data", *common, "--out", str(tmp_path / "d"), "--source", "builtin:6", "--max-new-tokens", "6",
+                     "--gen-batch-size", "3", "--shard-size", "3", "--cache-hidden", "--cache-top-k", "4",
+                     "--workers", "2"]) == 0
+    data = SelfDistillData(tmp_path / "d", tiny_llama())
+    assert len(data) == 6 and data.has_hidden and data.top_k == 4
+    assert cli.main(["fit", *common, "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o"), "--kinds",
+                     "hydra++", "--steps", "3", "--batch-size", "2"]) == 0
+    card = (tmp_path / "o" / "hydra_pp" / "README.md").read_text()
+    assert "hidden states cached by the data build; teacher = the cached top-4 log-probabilities" in card

@@ -11,6 +11,17 @@ def _size_mb(directory: Path) -> float:
     return sum(f.stat().st_size for f in directory.glob("model*.safetensors")) / 1e6
 
 
+def _cache_line(recipe_d: dict, config) -> str:
+    """How the base's hidden states and teacher distribution reached the heads."""
+    use = getattr(config, "use_cache", True)
+    hidden = "hidden states cached by the data build" if use and recipe_d.get("cache_hidden") else \
+        "hidden states from the base forward at every step"
+    k = recipe_d.get("cache_top_k", 0) if use else 0
+    teacher = f"teacher = the cached top-{k} log-probabilities, renormalised" if k else \
+        "teacher = the base LM head's full distribution"
+    return f"{hidden}; {teacher}"
+
+
 def write_card(directory, recipe: HeadRecipe, config: TrainConfig, manifest: dict, eval_heads: list[dict] | None,
                steps: int, seconds: float, command: str | None) -> None:
     directory = Path(directory)
@@ -57,6 +68,7 @@ def write_card(directory, recipe: HeadRecipe, config: TrainConfig, manifest: dic
         f"- loss per head: {1 - recipe.teacher_weight:g} x CE(data token) + {recipe.teacher_weight:g} x "
         f"KL(base distribution || head); head weights {recipe.head_decay}^i; dropout {recipe.dropout}, "
         f"input noise {recipe.noise}",
+        f"- base outputs: {_cache_line(recipe_d, config)}",
         "",
         "## Held-out accuracy (head i predicts the token i + 2 ahead of its hidden state)",
     ]

@@ -47,6 +47,12 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-prompt-tokens", type=int, default=512, help="skip longer prompts (default 512)")
     p.add_argument("--no-chat-template", action="store_true", help="raw prompts (models without a template)")
     p.add_argument("--system-prompt", default=None)
+    p.add_argument("--cache-hidden", action="store_true",
+                   help="also store the base's last hidden states (bf16, 2 x hidden-size bytes a token): training "
+                        "then skips the base forward (the saving grows with the base model)")
+    p.add_argument("--cache-top-k", type=int, default=0, metavar="K",
+                   help="also store the base's top-K next-token log-probabilities at answer tokens: the teacher "
+                        "loss then uses them (renormalised over the K) instead of the base's LM head")
     p.add_argument("--mt-bench", default=None, help="MT-Bench questions to keep out (default: "
                                                     f"${src.MT_BENCH_ENV} or shared/data/mt_bench.jsonl)")
 
@@ -82,6 +88,8 @@ def add_fit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt-every", type=int, default=200)
     p.add_argument("--save-dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--no-resume", action="store_true", help="ignore a checkpoint in --out")
+    p.add_argument("--no-cache", action="store_true",
+                   help="run the base model even where the data cached its hidden states / teacher top-k")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -136,7 +144,8 @@ def build_config(args):
                        max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
                        top_p=args.top_p, batch_size=args.gen_batch_size, shard_size=args.shard_size,
                        max_prompt_tokens=args.max_prompt_tokens, chat_template=not args.no_chat_template,
-                       system_prompt=args.system_prompt)
+                       system_prompt=args.system_prompt, cache_hidden=args.cache_hidden,
+                       cache_top_k=args.cache_top_k)
 
 
 def train_config(args, kinds: list[str], **extra):
@@ -150,8 +159,8 @@ def train_config(args, kinds: list[str], **extra):
                   grad_accum=args.grad_accum, max_len=args.max_len, warmup=args.warmup,
                   min_lr_ratio=args.min_lr_ratio, seed=args.seed,
                   eval_fraction=args.eval_fraction, train_samples=args.train_samples, eval_every=args.eval_every,
-                  log_every=args.log_every,
-                  ckpt_every=args.ckpt_every, save_dtype=args.save_dtype)
+                  log_every=args.log_every, ckpt_every=args.ckpt_every, save_dtype=args.save_dtype,
+                  use_cache=not args.no_cache)
     return TrainConfig(**{**fields, **extra})
 
 
@@ -193,6 +202,7 @@ def data_argv(args, out, time_budget: float | None) -> list[str]:
     for spec in args.source or []:
         argv += ["--source", spec]
     argv += ["--sample"] * bool(args.sample) + ["--no-chat-template"] * bool(args.no_chat_template)
+    argv += ["--cache-hidden"] * bool(args.cache_hidden) + ["--cache-top-k", str(args.cache_top_k)]
     return argv
 
 

@@ -82,6 +82,7 @@ class TrainConfig:
     eval_fraction: float = 0.02  # held-out share of the data (per-head accuracy in the model card)
     eval_max: int = 256  # held-out samples at most
     train_samples: int | None = None  # train on a seeded subset of this many samples (data-size ablations)
+    use_cache: bool = True  # use the data set's cached hidden states / teacher top-k when it has them
     eval_every: int = 0  # steps between held-out evaluations (0: only at the end)
     log_every: int = 10
     ckpt_every: int = 200  # steps between checkpoints (0: only at the end)

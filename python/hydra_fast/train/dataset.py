@@ -4,7 +4,10 @@ A data directory holds ``manifest.json`` (format, base-model fingerprint, tokeni
 with sha256), ``prompts.jsonl`` (every prompt, for audit) and ``shard-NNNNN.safetensors`` files, each with
 four tensors: ``tokens`` int32 [sum of lengths] (prompt + answer of every sample, concatenated), ``offsets``
 int64 [n + 1], ``answer_start`` int32 [n] (the answer's first token, relative to the sample) and
-``prompt_index`` int64 [n]. Written by ``selfdistill.build``; read by ``SelfDistillData``.
+``prompt_index`` int64 [n]; built with ``cache_hidden`` also ``hidden`` bf16 [sum of lengths, d] (the base's last
+hidden state at every position), with ``cache_top_k`` also ``top_ids`` int32 / ``top_logp`` fp16 [sum of answer
+lengths, k] (the base's top-k log-probabilities for each answer token, from the position before it). Written by
+``selfdistill.build``; read by ``SelfDistillData``.
 """
 from __future__ import annotations
 
@@ -70,13 +73,27 @@ class Batch:
     input_ids: torch.Tensor  # int64 [B, T], right-padded with 0
     attention_mask: torch.Tensor  # bool [B, T], True on real tokens
     answer_mask: torch.Tensor  # bool [B, T], True on answer tokens (the ones that count in the loss)
+    hidden: torch.Tensor | None = None  # cached base hidden states [B, T, d] (bf16), zeros on padding
+    top_ids: torch.Tensor | None = None  # cached teacher top-k: int64 [B, T, k], row p is for token p + 1
+    top_logp: torch.Tensor | None = None  # fp32 [B, T, k], -inf where nothing is cached
 
     def to(self, device) -> Batch:
-        return Batch(*(t.to(device, non_blocking=True) for t in dataclasses.astuple(self)))
+        return Batch(*(None if t is None else t.to(device, non_blocking=True)
+                       for t in (getattr(self, f.name) for f in dataclasses.fields(self))))
 
 
-def collate(samples: list[tuple[torch.Tensor, int]], max_len: int) -> Batch:
-    """Right-pad (prompt + answer, answer_start) samples to the longest one (at most max_len)."""
+@dataclass
+class Cached:
+    """What a data set holds of the base model's own outputs for one sample (None: not cached)."""
+
+    hidden: torch.Tensor | None = None  # bf16 [L, d]
+    top_ids: torch.Tensor | None = None  # int32 [L - answer_start, k]
+    top_logp: torch.Tensor | None = None  # fp16 [L - answer_start, k]
+
+
+def collate(samples: list[tuple[torch.Tensor, int]], max_len: int, cached: list[Cached] | None = None) -> Batch:
+    """Right-pad (prompt + answer, answer_start) samples to the longest one (at most max_len), with their cached
+    hidden states and teacher top-k when ``cached`` is given and holds them."""
     T = min(max_len, max(len(ids) for ids, _ in samples))
     B = len(samples)
     input_ids = torch.zeros(B, T, dtype=torch.long)  # [B, T]
@@ -87,7 +104,22 @@ def collate(samples: list[tuple[torch.Tensor, int]], max_len: int) -> Batch:
         input_ids[b, :n] = ids[:n]
         attention[b, :n] = True
         answer[b, start:n] = True
-    return Batch(input_ids, attention, answer)
+    hidden = top_ids = top_logp = None
+    if cached and cached[0].hidden is not None:
+        hidden = torch.zeros(B, T, cached[0].hidden.shape[-1], dtype=cached[0].hidden.dtype)  # [B, T, d]
+        for b, c in enumerate(cached):
+            n = min(T, c.hidden.shape[0])
+            hidden[b, :n] = c.hidden[:n]
+    if cached and cached[0].top_ids is not None:
+        k = cached[0].top_ids.shape[-1]
+        top_ids = torch.zeros(B, T, k, dtype=torch.long)  # [B, T, k]
+        top_logp = torch.full((B, T, k), float("-inf"))  # [B, T, k]
+        for b, ((ids, start), c) in enumerate(zip(samples, cached)):
+            rows = max(0, min(T, len(ids)) - start)  # answer tokens start .. n-1 <- positions start-1 .. n-2
+            if rows:
+                top_ids[b, start - 1: start - 1 + rows] = c.top_ids[:rows].long()
+                top_logp[b, start - 1: start - 1 + rows] = c.top_logp[:rows].float()
+    return Batch(input_ids, attention, answer, hidden, top_ids, top_logp)
 
 
 class SelfDistillData:
@@ -104,6 +136,7 @@ class SelfDistillData:
         if base_model is not None:
             check_base(self.manifest, base_model, f"the data in {directory}")
         self.samples: list[tuple[torch.Tensor, int]] = []
+        self.cached: list[Cached] = []
         for name, entry in sorted(self.manifest.get("shards", {}).items()):
             path = self.directory / entry["file"]
             if not path.is_file():
@@ -116,10 +149,27 @@ class SelfDistillData:
                 tokens, offsets, starts = t["tokens"].long(), t["offsets"].tolist(), t["answer_start"].tolist()
             except Exception as e:  # safetensors raises its own types for garbled files
                 raise DataError(f"{path}: unreadable shard ({type(e).__name__}: {e})") from e
+            hidden, top_ids, top_logp = t.get("hidden"), t.get("top_ids"), t.get("top_logp")
+            answers = sum(offsets[i + 1] - offsets[i] - s for i, s in enumerate(starts))
+            if (hidden is not None and hidden.shape[0] != offsets[-1]) or (top_ids is not None and (
+                    top_logp is None or top_ids.shape[0] != answers or top_logp.shape != top_ids.shape)):
+                raise DataError(f"{path}: its cached hidden states or teacher top-k do not match its samples "
+                                "(corrupt shard); delete it and run the data build again")
+            if hidden is not None and base_model is not None and \
+                    hidden.shape[-1] != base_model.get_output_embeddings().weight.shape[-1]:
+                raise DataMismatchError(f"{path}: cached hidden states have width {hidden.shape[-1]}, the model "
+                                        f"{base_model.get_output_embeddings().weight.shape[-1]}")
+            answer_off = 0
             for i, start in enumerate(starts):
                 ids = tokens[offsets[i]: offsets[i + 1]]  # [L]
+                rows = len(ids) - start
                 if max_len is None or start < min(len(ids), max_len) - 1:
                     self.samples.append((ids, int(start)))
+                    self.cached.append(Cached(
+                        None if hidden is None else hidden[offsets[i]: offsets[i + 1]],
+                        None if top_ids is None else top_ids[answer_off: answer_off + rows],
+                        None if top_logp is None else top_logp[answer_off: answer_off + rows]))
+                answer_off += rows
         if not self.samples:
             raise DataError(f"{self.directory}: the data set is empty (no finished shard, or no sample with answer "
                             f"tokens within max_len={max_len}); build data first or raise max_len")
@@ -131,6 +181,16 @@ class SelfDistillData:
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    @property
+    def has_hidden(self) -> bool:
+        return bool(self.cached) and all(c.hidden is not None for c in self.cached)
+
+    @property
+    def top_k(self) -> int:
+        """k of the cached teacher top-k (0: none cached)."""
+        ok = bool(self.cached) and all(c.top_ids is not None for c in self.cached)
+        return int(self.cached[0].top_ids.shape[-1]) if ok else 0
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self.samples[i]

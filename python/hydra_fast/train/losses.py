@@ -26,18 +26,25 @@ class Targets:
     labels: list[torch.Tensor]  # head i: int64 [N_i], the data token at t + i + 2
     teacher_rows: list[torch.Tensor]  # head i: int64 [N_i], row of teacher_logp for position t + i + 1
     teacher_logp: torch.Tensor | None  # fp32 [N_t, V] base log-probabilities (None: no recipe uses them)
+    # or, from a data set that cached them: (ids int64 [N_t, k], log-probabilities fp32 [N_t, k]) of the top k
+    teacher_top: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @torch.no_grad()
-def make_targets(input_ids, answer_mask, num_heads: int, hidden=None, lm_head=None) -> Targets:
-    """input_ids int64 [B, T], answer_mask bool [B, T]; hidden [B, T, d] and lm_head give the teacher."""
+def make_targets(input_ids, answer_mask, num_heads: int, hidden=None, lm_head=None, top=None) -> Targets:
+    """input_ids int64 [B, T], answer_mask bool [B, T]; hidden [B, T, d] and lm_head give the teacher, or
+    top = (ids int64 [B, T, k], log-probabilities fp32 [B, T, k]) a cached top-k teacher (row p: token p + 1)."""
     B, T = input_ids.shape
     flat = torch.arange(B * T, device=input_ids.device).view(B, T)  # [B, T]
-    teacher_logp, row_of = None, None
-    if hidden is not None:
+    teacher_logp, teacher_top, row_of = None, None, None
+    if hidden is not None or top is not None:
         scored = flat[:, :-1][answer_mask[:, 1:]]  # [N_t] positions p whose next token is an answer token
-        logits = lm_head(hidden.reshape(B * T, -1)[scored])  # [N_t, V]
-        teacher_logp = torch.log_softmax(logits.float(), dim=-1)
+        if top is not None:
+            k = top[0].shape[-1]
+            teacher_top = (top[0].reshape(B * T, k)[scored], top[1].reshape(B * T, k)[scored].float())
+        else:
+            logits = lm_head(hidden.reshape(B * T, -1)[scored])  # [N_t, V]
+            teacher_logp = torch.log_softmax(logits.float(), dim=-1)
         row_of = torch.full((B * T,), -1, dtype=torch.long, device=input_ids.device)  # [B*T]
         row_of[scored] = torch.arange(scored.numel(), device=input_ids.device)
     rows, labels, teacher_rows = [], [], []
@@ -48,7 +55,16 @@ def make_targets(input_ids, answer_mask, num_heads: int, hidden=None, lm_head=No
         rows.append(r)
         labels.append(input_ids[:, s:][valid])
         teacher_rows.append(row_of[r + s - 1] if row_of is not None else r)
-    return Targets(rows, labels, teacher_rows, teacher_logp)
+    return Targets(rows, labels, teacher_rows, teacher_logp, teacher_top)
+
+
+def sparse_kl(logp: torch.Tensor, ids: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
+    """Summed KL(teacher || head) with the teacher's top-k renormalised: logp [N, V] head log-probabilities,
+    ids int64 [N, k] and t_logp fp32 [N, k] the teacher's top k (-inf: empty slot). Exact when k = V."""
+    t = t_logp - torch.logsumexp(t_logp, dim=-1, keepdim=True)  # [N, k]
+    p = t.exp()
+    terms = p * (t - logp.gather(-1, ids))  # [N, k]
+    return torch.where(p > 0, terms, torch.zeros_like(terms)).sum()
 
 
 def perturb(hidden, recipe: HeadRecipe, generator: torch.Generator | None):
@@ -94,7 +110,11 @@ class HeadsObjective(nn.Module):
                 with torch.set_grad_enabled(torch.is_grad_enabled() and w_t > 0):  # else: only logged
                     t = targets.teacher_logp[targets.teacher_rows[i]]  # [N_i, V]
                     kl = F.kl_div(logp, t, log_target=True, reduction="sum")
-            elif w_t > 0:
+            elif targets.teacher_top is not None:
+                with torch.set_grad_enabled(torch.is_grad_enabled() and w_t > 0):
+                    r = targets.teacher_rows[i]
+                    kl = sparse_kl(logp, targets.teacher_top[0][r], targets.teacher_top[1][r])
+            if targets.teacher_logp is None and targets.teacher_top is None and w_t > 0:
                 raise ValueError(f"the {self.recipe.kind} recipe has a teacher loss but no teacher targets were made")
             loss = ((1.0 - w_t) * ce + w_t * kl) / max(n, 1)
             total = total + self.weights[i] * loss

@@ -43,6 +43,13 @@ class BuildConfig:
     max_prompt_tokens: int = 512  # longer prompts are skipped
     chat_template: bool = True  # False: raw prompt text (base models without a chat template)
     system_prompt: str | None = None
+    # cached with every sample, so training need not run the base model for them (dataset.py says how stored):
+    cache_hidden: bool = False  # the base's last hidden state at every position (bf16)
+    cache_top_k: int = 0  # the base's top-k next-token log-probabilities at every answer position (0: none)
+
+    def __post_init__(self):
+        if self.cache_top_k < 0:
+            raise ValueError(f"cache_top_k must be >= 0, got {self.cache_top_k}")
 
 
 def check_tokenizer(tokenizer, base_model) -> None:
@@ -103,12 +110,57 @@ def answer(base_model, prompts: list[list[int]], config: BuildConfig, eos: list[
     return answers
 
 
+@torch.no_grad()
+def teacher_cache(base_model, samples: list[tuple[list[int], int, int]], config: BuildConfig,
+                  batch_size: int = 16, chunk_rows: int = 4096) -> dict[str, torch.Tensor]:
+    """The base model's view of finished samples, for ``cache_hidden`` / ``cache_top_k``.
+
+    hidden bf16 [sum L, d]: last hidden state (after the final norm) at every position of every sample;
+    top_ids int32 / top_logp fp16 [sum A, k]: the top-k log-probabilities of the token after position p, for
+    p = answer_start - 1 .. L - 2 of each sample (A = L - answer_start rows: one per answer token)."""
+    device = base_model.get_output_embeddings().weight.device
+    decoder, lm = base_model.get_decoder(), base_model.get_output_embeddings()
+    k = min(config.cache_top_k, lm.weight.shape[0])
+    hidden_rows, top_ids, top_logp = [None] * len(samples), [None] * len(samples), [None] * len(samples)
+    order = sorted(range(len(samples)), key=lambda i: -len(samples[i][0]))  # similar lengths share a batch
+    for b in range(0, len(order), batch_size):
+        idx = order[b: b + batch_size]
+        T = max(len(samples[i][0]) for i in idx)
+        ids = torch.zeros(len(idx), T, dtype=torch.long)  # [B, T], right-padded
+        mask = torch.zeros(len(idx), T, dtype=torch.long)  # [B, T]
+        for r, i in enumerate(idx):
+            ids[r, : len(samples[i][0])] = torch.tensor(samples[i][0])
+            mask[r, : len(samples[i][0])] = 1
+        h = decoder(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state  # [B, T, d]
+        for r, i in enumerate(idx):
+            L, start = len(samples[i][0]), samples[i][1]
+            if config.cache_hidden:
+                hidden_rows[i] = h[r, :L].to(torch.bfloat16).cpu()
+            if k:
+                rows = h[r, start - 1: L - 1]  # [A, d]: positions whose next token is an answer token
+                vals, inds = [], []
+                for c in range(0, rows.shape[0], chunk_rows):
+                    logp = torch.log_softmax(lm(rows[c: c + chunk_rows]).float(), dim=-1)  # [c, V]
+                    v, j = logp.topk(k, dim=-1)
+                    vals.append(v.half().cpu())
+                    inds.append(j.int().cpu())
+                top_logp[i] = torch.cat(vals) if vals else torch.zeros(0, k, dtype=torch.float16)
+                top_ids[i] = torch.cat(inds) if inds else torch.zeros(0, k, dtype=torch.int32)
+    out = {}
+    if config.cache_hidden:
+        out["hidden"] = torch.cat(hidden_rows)
+    if k:
+        out["top_ids"], out["top_logp"] = torch.cat(top_ids), torch.cat(top_logp)
+    return out
+
+
 def _shard_seed(seed: int, shard: int) -> int:
     return (seed * 1_000_003 + shard) % (1 << 63)
 
 
-def _write_shard(path: Path, samples: list[tuple[list[int], int, int]]) -> dict:
-    """samples: (prompt + answer ids, answer_start, prompt_index). Atomic; returns its manifest entry."""
+def _write_shard(path: Path, samples: list[tuple[list[int], int, int]], extra: dict | None = None) -> dict:
+    """samples: (prompt + answer ids, answer_start, prompt_index); extra: teacher_cache tensors. Atomic;
+    returns its manifest entry."""
     from safetensors.torch import save_file
 
     lengths = [len(s[0]) for s in samples]
@@ -119,6 +171,7 @@ def _write_shard(path: Path, samples: list[tuple[list[int], int, int]]) -> dict:
         "offsets": offsets,
         "answer_start": torch.tensor([s[1] for s in samples], dtype=torch.int32),  # [n]
         "prompt_index": torch.tensor([s[2] for s in samples], dtype=torch.long),  # [n]
+        **(extra or {}),
     }
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, tmp, metadata={"format": FORMAT})
@@ -129,7 +182,10 @@ def _write_shard(path: Path, samples: list[tuple[list[int], int, int]]) -> dict:
 
 def _check_resume(manifest: dict, fresh: dict, directory: Path) -> None:
     keys = ("base", "tokenizer", "recipe", "prompts_sha256")
-    diff = [k for k in keys if manifest.get(k) != fresh[k]]
+    # recipe fields added since a manifest was written count as their defaults
+    old = {**manifest, "recipe": {**dataclasses.asdict(BuildConfig()), **manifest.get("recipe", {}),
+                                  "sources": manifest.get("recipe", {}).get("sources")}}
+    diff = [k for k in keys if old.get(k) != fresh[k]]
     if manifest.get("format") != FORMAT or diff:
         raise DataMismatchError(
             f"{directory / MANIFEST} was written for another build ({', '.join(diff) or 'format'} differ"
@@ -236,7 +292,8 @@ def build(base_model, tokenizer, directory, config: BuildConfig = BuildConfig(),
             bar.update(len(chunk))
         bar.update(len(encoded) - len(kept))
         samples.sort(key=lambda e: e[2])
-        entry = _write_shard(directory / f"shard-{key}.safetensors", samples)
+        extra = teacher_cache(base_model, samples, config) if (config.cache_hidden or config.cache_top_k) else None
+        entry = _write_shard(directory / f"shard-{key}.safetensors", samples, extra)
         entry["seconds"] = round(time.monotonic() - ts, 2)
         entry["skipped_long_prompts"] = len(encoded) - len(kept)
         with _locked(directory):  # other workers may have added their shards since we last read

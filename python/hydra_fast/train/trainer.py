@@ -83,6 +83,9 @@ class Trainer:
                                                                                   config.train_samples))
         self.num_heads = max(r.num_heads for r in config.recipes)
         self.teacher = any(r.teacher_weight > 0 for r in config.recipes)
+        # cached base outputs (selfdistill cache_hidden / cache_top_k): no base forward / no teacher LM head
+        self.cached_hidden = config.use_cache and data.has_hidden
+        self.cached_top_k = data.top_k if config.use_cache else 0
         self.sets = [self._make_set(r) for r in config.recipes]
         self.step, self.elapsed_before, self.cursor = 0, 0.0, 0
         self._perm_cache: tuple[int, list[int]] | None = None
@@ -131,15 +134,27 @@ class Trainer:
         lo = cursor + rank * bs
         return [self._order(j // n)[j % n] for j in range(lo, lo + bs)]
 
+    def _collate(self, picks: list[int]) -> Batch:
+        cached = [self.data.cached[i] for i in picks] if (self.cached_hidden or self.cached_top_k) else None
+        if cached and not self.cached_hidden:
+            cached = [dataclasses.replace(c, hidden=None) for c in cached]
+        if cached and not self.cached_top_k:
+            cached = [dataclasses.replace(c, top_ids=None, top_logp=None) for c in cached]
+        return collate([self.data[i] for i in picks], self.config.max_len, cached).to(self.device)
+
     def _next_batch(self) -> Batch:
         picks = self.rank_batch_indices(self.cursor, self.dist.rank)
         self.cursor += self.config.batch_size * self.dist.world
-        return collate([self.data[i] for i in picks], self.config.max_len).to(self.device)
+        return self._collate(picks)
 
     @torch.no_grad()
     def _base_forward(self, batch: Batch, teacher: bool):
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
-            hidden = self.decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+            if batch.hidden is not None:  # cached by the data build
+                hidden = batch.hidden if self.autocast else batch.hidden.float()
+            else:
+                hidden = self.decoder(input_ids=batch.input_ids,
+                                      attention_mask=batch.attention_mask).last_hidden_state
             if not self.autocast:
                 hidden = hidden.float()
             pe = None
@@ -147,8 +162,9 @@ class Trainer:
                 B, T = batch.input_ids.shape
                 pos = torch.arange(T, device=self.device).view(1, T).expand(B, T)  # [B, T]
                 pe = self.decoder.rotary_emb(hidden, pos)
+            top = (batch.top_ids, batch.top_logp) if teacher and batch.top_ids is not None else None
             targets = make_targets(batch.input_ids, batch.answer_mask, self.num_heads,
-                                   hidden if teacher else None, self.lm_head)
+                                   hidden if teacher and top is None else None, self.lm_head, top)
         return hidden, pe, targets
 
     def _run_set(self, s: HeadSet, batch, hidden, pe, targets, train: bool, sync: bool = True):
@@ -213,8 +229,7 @@ class Trainer:
         for s in self.active:
             s.objective.eval()
         for lo in range(0, len(mine), self.config.batch_size):
-            batch = collate([self.data[i] for i in mine[lo: lo + self.config.batch_size]],
-                            self.config.max_len).to(self.device)
+            batch = self._collate(mine[lo: lo + self.config.batch_size])
             hidden, pe, targets = self._base_forward(batch, self.teacher)
             for s in self.active:
                 _, stats = self._run_set(s, batch, hidden, pe, targets, train=False)
