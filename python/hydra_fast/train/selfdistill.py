@@ -134,6 +134,8 @@ def teacher_cache(base_model, samples: list[tuple[list[int], int, int]], config:
         h = decoder(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state  # [B, T, d]
         for r, i in enumerate(idx):
             L, start = len(samples[i][0]), samples[i][1]
+            if start < 1:  # the teacher for answer token 0 would be the position before the sample
+                raise DataError(f"sample {samples[i][2]} has an empty prompt; the teacher cache needs one token")
             if config.cache_hidden:
                 hidden_rows[i] = h[r, :L].to(torch.bfloat16).cpu()
             if k:
