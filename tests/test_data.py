@@ -262,7 +262,8 @@ def test_cached_hidden_and_top_k_are_the_base_outputs(tmp_path, model, tok, mt_b
     # a batch puts each answer token's teacher at the position before it, padding elsewhere
     b = collate([data[0], data[1]], max_len=64, cached=[data.cached[0], data.cached[1]])
     ids, start = data[1]
-    assert b.hidden.shape[:2] == b.input_ids.shape and torch.equal(b.top_ids[1, start - 1], data.cached[1].top_ids[0].long())
+    assert b.hidden.shape[:2] == b.input_ids.shape
+    assert torch.equal(b.top_ids[1, start - 1], data.cached[1].top_ids[0].long())
     assert torch.isinf(b.top_logp[1, : start - 1]).all() and b.hidden[1, len(ids):].abs().sum() == 0
     # another cache setting is another recipe: resuming into it is refused
     with pytest.raises(DataMismatchError, match="recipe differ"):

@@ -181,7 +181,7 @@ def _data_workers(args) -> tuple[int, int | None]:
 
 
 def _spawn_workers(argv: list[str], workers: int) -> list[subprocess.Popen]:
-    """Workers 1..K-1 of a data build as child processes running the same command with --worker i."""
+    """Workers 1..K-1 of a data build as child processes running the ``data`` command argv with --worker i."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in [str(Path(__file__).resolve().parents[2]),
                                                                       os.environ.get("PYTHONPATH", "")] if p))
     return [subprocess.Popen([sys.executable, "-m", "hydra_fast.train", *argv, "--workers", str(workers),
@@ -206,32 +206,34 @@ def data_argv(args, out, time_budget: float | None) -> list[str]:
     return argv
 
 
-def run_data(args, argv: list[str] | None = None) -> dict:
+def build_data(args, load, out, time_budget: float | None, workers: int = 1, worker: int | None = None) -> dict:
+    """args' data build into ``out``; returns the manifest of the whole build.
+
+    load() -> (base, tokenizer). worker None: this process is worker 0 of ``workers`` and first starts workers
+    1..K-1 as child processes (``data_argv``), so they load their models while this one loads its own."""
+    from hydra_fast.train.dataset import read_manifest
     from hydra_fast.train.selfdistill import build
 
-    workers, worker = _data_workers(args)
-    children = []
-    if worker is None:  # this process is worker 0 and starts the others
-        if args.overwrite:
-            raise DataError("--overwrite with --workers > 1: delete the output folder instead")
-        base_argv = [a for a in (argv if argv is not None else sys.argv[1:])]
-        children = _spawn_workers(base_argv, workers)
-        worker = 0
+    overwrite = getattr(args, "overwrite", False)
+    if worker is None and workers > 1 and overwrite:  # before any worker starts
+        raise DataError(f"--overwrite with {workers} workers: delete {out} instead, then start them")
+    children = _spawn_workers(data_argv(args, out, time_budget), workers) if worker is None else []
     try:
-        base, tok = load_base(args)
-        manifest = build(base, tok, args.out, build_config(args), mt_bench=args.mt_bench,
-                         time_budget_s=args.time_budget, overwrite=args.overwrite, progress=not args.quiet,
-                         workers=workers, worker=worker)
+        base, tok = load()
+        manifest = build(base, tok, out, build_config(args), mt_bench=args.mt_bench, time_budget_s=time_budget,
+                         overwrite=overwrite, progress=not args.quiet, workers=workers, worker=worker or 0)
     finally:
         failed = [i + 1 for i, c in enumerate(children) if c.wait() != 0]
     if failed:
         raise DataError(f"data workers {failed} of {workers} failed (their errors are above); run the same "
                         "command again to finish their shards")
-    if children:  # the others finished after this worker: the manifest on disk is the whole build
-        from hydra_fast.train.dataset import read_manifest
+    # with children, the others may have finished after this worker: the manifest on disk is the whole build
+    return read_manifest(out) if children else manifest
 
-        manifest = read_manifest(args.out)
-    return manifest
+
+def run_data(args) -> dict:
+    workers, worker = _data_workers(args)
+    return build_data(args, lambda: load_base(args), args.out, args.time_budget, workers, worker)
 
 
 def run_fit(args) -> dict:
@@ -280,7 +282,7 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
         if args.command == "data":
-            m = run_data(args, argv)
+            m = run_data(args)
             n = sum(s["num_samples"] for s in m["shards"].values())
             print(f"hydra_fast.train: {n} samples in {len(m['shards'])} shards at {args.out}"
                   f"{'' if m['complete'] else ' (incomplete: run again to resume)'}")

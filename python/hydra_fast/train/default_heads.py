@@ -80,8 +80,7 @@ def _pack(out: Path, saved: dict, pack_dir: Path) -> list[str]:
 
 def run(args) -> int:
     from hydra_fast.train import cli
-    from hydra_fast.train.selfdistill import build
-    from hydra_fast.train.dataset import DataError, SelfDistillData, read_manifest
+    from hydra_fast.train.dataset import DataError, SelfDistillData
     from hydra_fast.train.trainer import Trainer
 
     t0 = time.monotonic()
@@ -93,15 +92,7 @@ def run(args) -> int:
     data_budget = max(args.time_budget * args.data_fraction - (time.monotonic() - t0), 1.0)
     if args.data_workers < 1:
         raise DataError(f"--data-workers must be at least 1, got {args.data_workers}")
-    children = cli._spawn_workers(cli.data_argv(args, work / "data", data_budget), args.data_workers)
-    try:
-        manifest = build(base, tok, work / "data", cli.build_config(args), mt_bench=args.mt_bench,
-                         time_budget_s=data_budget, progress=not args.quiet, workers=args.data_workers, worker=0)
-    finally:
-        failed = [i + 1 for i, c in enumerate(children) if c.wait() != 0]
-    if failed:
-        raise DataError(f"data workers {failed} of {args.data_workers} failed (their errors are above)")
-    manifest = read_manifest(work / "data")
+    manifest = cli.build_data(args, lambda: (base, tok), work / "data", data_budget, args.data_workers)
     t_data = time.monotonic() - t0
     data = SelfDistillData(work / "data", base, max_len=args.max_len)
     train_seconds = args.time_budget - (time.monotonic() - t0) - args.reserve

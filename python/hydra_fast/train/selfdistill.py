@@ -27,7 +27,7 @@ from hydra_fast.heads import fingerprint
 from hydra_fast.hub import sha256_file
 from hydra_fast.train import sources as src
 from hydra_fast.train.dataset import (FORMAT, MANIFEST, PROMPTS, DataError, DataMismatchError, check_base,
-                                      write_json_atomic)
+                                      collate, read_manifest, write_json_atomic)
 
 
 @dataclass(frozen=True)
@@ -121,33 +121,31 @@ def teacher_cache(base_model, samples: list[tuple[list[int], int, int]], config:
     device = base_model.get_output_embeddings().weight.device
     decoder, lm = base_model.get_decoder(), base_model.get_output_embeddings()
     k = min(config.cache_top_k, lm.weight.shape[0])
+    empty = [s[2] for s in samples if s[1] < 1]
+    if empty:  # the teacher for answer token 0 would be the position before the sample
+        raise DataError(f"samples {empty[:5]} have an empty prompt; the teacher cache needs a prompt token")
     hidden_rows, top_ids, top_logp = [None] * len(samples), [None] * len(samples), [None] * len(samples)
     order = sorted(range(len(samples)), key=lambda i: -len(samples[i][0]))  # similar lengths share a batch
     for b in range(0, len(order), batch_size):
         idx = order[b: b + batch_size]
-        T = max(len(samples[i][0]) for i in idx)
-        ids = torch.zeros(len(idx), T, dtype=torch.long)  # [B, T], right-padded
-        mask = torch.zeros(len(idx), T, dtype=torch.long)  # [B, T]
-        for r, i in enumerate(idx):
-            ids[r, : len(samples[i][0])] = torch.tensor(samples[i][0])
-            mask[r, : len(samples[i][0])] = 1
-        h = decoder(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state  # [B, T, d]
-        for r, i in enumerate(idx):
-            L, start = len(samples[i][0]), samples[i][1]
-            if start < 1:  # the teacher for answer token 0 would be the position before the sample
-                raise DataError(f"sample {samples[i][2]} has an empty prompt; the teacher cache needs one token")
-            if config.cache_hidden:
-                hidden_rows[i] = h[r, :L].to(torch.bfloat16).cpu()
-            if k:
-                rows = h[r, start - 1: L - 1]  # [A, d]: positions whose next token is an answer token
-                vals, inds = [], []
-                for c in range(0, rows.shape[0], chunk_rows):
-                    logp = torch.log_softmax(lm(rows[c: c + chunk_rows]).float(), dim=-1)  # [c, V]
-                    v, j = logp.topk(k, dim=-1)
-                    vals.append(v.half().cpu())
-                    inds.append(j.int().cpu())
-                top_logp[i] = torch.cat(vals) if vals else torch.zeros(0, k, dtype=torch.float16)
-                top_ids[i] = torch.cat(inds) if inds else torch.zeros(0, k, dtype=torch.int32)
+        batch = collate([(torch.tensor(samples[i][0]), samples[i][1]) for i in idx],
+                        max(len(samples[i][0]) for i in idx)).to(device)
+        h = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state  # [B, T, d]
+        if config.cache_hidden:
+            for r, i in enumerate(idx):
+                hidden_rows[i] = h[r, : len(samples[i][0])].to(torch.bfloat16).cpu()
+        if k:
+            rows = h[:, :-1][batch.answer_mask[:, 1:]]  # [sum A, d]: positions whose next token is an answer token
+            vals, inds = [], []
+            for c in range(0, rows.shape[0], chunk_rows):
+                v, j = torch.log_softmax(lm(rows[c: c + chunk_rows]).float(), dim=-1).topk(k, dim=-1)  # [c, k]
+                vals.append(v.half().cpu())
+                inds.append(j.int().cpu())
+            counts = [len(samples[i][0]) - samples[i][1] for i in idx]  # sample-major, like the rows
+            vals = torch.cat(vals) if vals else torch.zeros(0, k, dtype=torch.float16)
+            inds = torch.cat(inds) if inds else torch.zeros(0, k, dtype=torch.int32)
+            for i, v, j in zip(idx, vals.split(counts), inds.split(counts)):
+                top_logp[i], top_ids[i] = v, j
     out = {}
     if config.cache_hidden:
         out["hidden"] = torch.cat(hidden_rows)
@@ -207,11 +205,6 @@ def _locked(directory: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _read(manifest_path: Path) -> dict:
-    with open(manifest_path) as f:
-        return json.load(f)
-
-
 def build(base_model, tokenizer, directory, config: BuildConfig = BuildConfig(), mt_bench=None,
           time_budget_s: float | None = None, overwrite: bool = False, progress: bool = True,
           workers: int = 1, worker: int = 0) -> dict:
@@ -250,7 +243,7 @@ def build(base_model, tokenizer, directory, config: BuildConfig = BuildConfig(),
     directory.mkdir(parents=True, exist_ok=True)
     with _locked(directory):  # the first worker to get here writes the manifest; the others check it
         if manifest_path.exists() and not overwrite:
-            manifest = _read(manifest_path)
+            manifest = read_manifest(directory)
             if manifest.get("base") != fresh["base"]:
                 check_base(manifest, base_model, str(directory))
             _check_resume(manifest, fresh, directory)
@@ -299,7 +292,7 @@ def build(base_model, tokenizer, directory, config: BuildConfig = BuildConfig(),
         entry["seconds"] = round(time.monotonic() - ts, 2)
         entry["skipped_long_prompts"] = len(encoded) - len(kept)
         with _locked(directory):  # other workers may have added their shards since we last read
-            manifest = _read(manifest_path)
+            manifest = read_manifest(directory)
             manifest["shards"][key] = entry
             manifest["skipped_long_prompts"] = sum(v.get("skipped_long_prompts", 0)
                                                    for v in manifest["shards"].values())
@@ -309,7 +302,7 @@ def build(base_model, tokenizer, directory, config: BuildConfig = BuildConfig(),
         slowest = max(slowest, time.monotonic() - ts)
     bar.close()
     with _locked(directory):
-        manifest = _read(manifest_path)
+        manifest = read_manifest(directory)
         manifest["complete"] = len(manifest["shards"]) == num_shards
         write_json_atomic(manifest_path, manifest)
     if not manifest["shards"]:

@@ -135,11 +135,7 @@ class Trainer:
         return [self._order(j // n)[j % n] for j in range(lo, lo + bs)]
 
     def _collate(self, picks: list[int]) -> Batch:
-        cached = [self.data.cached[i] for i in picks] if (self.cached_hidden or self.cached_top_k) else None
-        if cached and not self.cached_hidden:
-            cached = [dataclasses.replace(c, hidden=None) for c in cached]
-        if cached and not self.cached_top_k:
-            cached = [dataclasses.replace(c, top_ids=None, top_logp=None) for c in cached]
+        cached = [self.data.cached[i] for i in picks] if self.config.use_cache else None
         return collate([self.data[i] for i in picks], self.config.max_len, cached).to(self.device)
 
     def _next_batch(self) -> Batch:
@@ -151,7 +147,7 @@ class Trainer:
     def _base_forward(self, batch: Batch, teacher: bool):
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
             if batch.hidden is not None:  # cached by the data build
-                hidden = batch.hidden if self.autocast else batch.hidden.float()
+                hidden = batch.hidden
             else:
                 hidden = self.decoder(input_ids=batch.input_ids,
                                       attention_mask=batch.attention_mask).last_hidden_state
