@@ -169,3 +169,79 @@ def kv_compact(
         moved = torch.gather(cache, 3, src_i)  # read all before writing any
         old = torch.gather(cache, 3, dst_i)
         cache.scatter_(3, dst_i, torch.where(valid.view(1, B, 1, Lp, 1), moved, old))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The fused decoder-layer ops (``hydra_fast.fastpath``). Each follows HF Llama/Qwen's rounding order exactly, so
+# the fused layer matches the HF modules bit for bit in fp32 and as HF rounds in bf16/fp16:
+# - the residual sum is rounded to the dtype before it is normalised;
+# - RMSNorm: the row's mean square in fp32, x * rsqrt(ms + eps) rounded to the dtype, then times the weight;
+# - RoPE: q * cos and rotate_half(q) * sin each rounded to the dtype, then their sum (cos/sin in the dtype);
+# - SiLU-and-multiply: silu(gate) rounded to the dtype, then times up.
+# ---------------------------------------------------------------------------------------------------------------
+def rms_norm(
+    x: torch.Tensor,  # [..., d]
+    weight: torch.Tensor,  # [d]
+    eps: float,
+) -> torch.Tensor:  # [..., d] in x's dtype
+    xf = x.float()
+    variance = xf.pow(2).mean(-1, keepdim=True)
+    return weight * (xf * torch.rsqrt(variance + eps)).to(x.dtype)
+
+
+def add_rms_norm(
+    x: torch.Tensor,  # [..., d] (a sublayer's output)
+    residual: torch.Tensor,  # [..., d] (the residual stream before it)
+    weight: torch.Tensor,  # [d]
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # (rms_norm(x + residual) [..., d], x + residual [..., d])
+    h = x + residual  # rounded to the dtype, as HF's residual add
+    return rms_norm(h, weight, eps), h
+
+
+def silu_mul(
+    x: torch.Tensor,  # [..., 2 * I]: gate | up, the output of the fused gate|up projection
+) -> torch.Tensor:  # [..., I]
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_kv_write(
+    qkv: torch.Tensor,  # [B, N, (Hq + 2 Hkv) * D]: q | k | v, the output of the fused q|k|v projection
+    cos: torch.Tensor,  # [B, N, D] in qkv's dtype (the model's rotary embedding at each token's position)
+    sin: torch.Tensor,  # [B, N, D]
+    k_cache: torch.Tensor,  # [L, B, Hkv, S, D], modified in place
+    v_cache: torch.Tensor,  # [L, B, Hkv, S, D], modified in place
+    layer: int,
+    cache_lens: torch.Tensor,  # int32 [B]: token n of sequence b goes to slot cache_lens[b] + n
+    num_q_heads: int,
+    num_kv_heads: int,
+    q_norm: torch.Tensor | None,  # [D] per-head RMSNorm of q before RoPE (Qwen3), or None
+    k_norm: torch.Tensor | None,  # [D] likewise for k
+    eps: float,
+) -> torch.Tensor:  # q after (norm and) RoPE, [B, N, Hq, D]
+    """Split q|k|v, normalise q and k per head (when given), rotate them, and write k and v into one layer of
+    the cache at slots [len, len + N). Slots at or past S are the caller's error (generate checks capacity);
+    the reference clamps them to S - 1 like ``TreeKVCache.update``."""
+    B, N, _ = qkv.shape
+    Hq, Hkv = num_q_heads, num_kv_heads
+    D = cos.shape[-1]
+    q, k, v = qkv.view(B, N, Hq + 2 * Hkv, D).split([Hq, Hkv, Hkv], dim=2)  # [B, N, H, D] each
+    if q_norm is not None:
+        q = rms_norm(q, q_norm, eps)
+    if k_norm is not None:
+        k = rms_norm(k, k_norm, eps)
+    c, s = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, N, 1, D]
+    q = q * c + _rotate_half(q) * s
+    k = k * c + _rotate_half(k) * s
+    S = k_cache.shape[3]
+    slots = cache_lens.to(torch.long).view(B, 1) + torch.arange(N, device=qkv.device).view(1, N)  # [B, N]
+    index = slots.clamp(max=S - 1).view(B, 1, N, 1).expand(B, Hkv, N, D)  # [B, Hkv, N, D]
+    k_cache[layer].scatter_(2, index, k.transpose(1, 2).to(k_cache.dtype))
+    v_cache[layer].scatter_(2, index, v.transpose(1, 2).to(v_cache.dtype))
+    return q.contiguous()
