@@ -1,18 +1,21 @@
 """End-to-end decoding benchmark: HF generate baselines, our plain decoding, Medusa, Hydra and Hydra++.
 
     python bench/bench_decode.py [--model DIR | --tiny-random] [--heads-dir DIR|untrained] [--tree mc_sim_7b_63]
-        [--num-prompts 80] [--max-new-tokens 128] [--hf-prompts 5] [--methods hf,hf_static,...] [--compile]
-        [--device cuda] [--dtype bfloat16] [--json out/bench_decode.json] [--md ...] [--plot ...]
-        [--answers-dir DIR] [--deadline-s 480]
+        [--prompts FILE] [--num-prompts 80] [--max-new-tokens 128] [--hf-prompts N]
+        [--methods hf,hf_static,... | --method NAME ...] [--compile] [--device cuda] [--dtype bfloat16]
+        [--json out/bench_decode.json] [--md ...] [--plot ...] [--answers-dir DIR] [--deadline-s 480]
 
 One process, one machine, the same prompts for every method (gpt-fast ``generate.py``, Spec-Bench). The prompt
 loop is outermost, so when the deadline stops the run every method has seen the same prompts; HF methods run
-on the first ``--hf-prompts`` only (they are slow) and speedups are ratios of medians over the prompts both
-methods ran. Warm-up (graph capture, compilation) happens before any timing. Per method: tokens/s (median over
+on every prompt unless ``--hf-prompts`` limits them, and speedups are ratios of medians over the prompts both
+methods ran (marked where they cover fewer prompts). The headline is each method over our plain decoding in
+the same mode (``plain_compile`` for compiled methods; ``--compile`` always adds it). Prompt files are JSONL
+with "turns" (MT-Bench; the first turn is used) or "prompt", and optionally "category": tok/s and tau are
+then also reported per category and as the mean over categories. Warm-up (graph capture, compilation) happens before any timing. Per method: tokens/s (median over
 prompts, wall clock incl. prefill), mean accepted length tau (tokens per step), the acceptance histogram, the
 step split into draft / verify / accept / host (a separate pass: on CUDA the step as three graphs with events,
-``engine.PhasedStepRunner``; on CPU each phase timed eagerly), speedup over each baseline and greedy agreement
-with HF. JSON is written after every prompt, so a killed run still leaves its results.
+``engine.PhasedStepRunner``; on CPU each phase timed eagerly), speedup over each baseline, kernels per step
+(``step_profile.py``) and greedy agreement with HF. JSON is written after every prompt, so a killed run still leaves its results.
 """
 from __future__ import annotations
 
@@ -22,32 +25,17 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C  # noqa: E402
+from decode_methods import (HF_METHODS, OUR_KINDS, Method, hf_method, load_prompts, our_method,  # noqa: E402
+                            resolve_heads, step_kernels, tiny_random_model)
+from decode_report import check_targets, render_md, summarize, write_answers, write_plot  # noqa: E402
 
 from hydra_fast.tree_search import grown_tree  # noqa: E402
-
-MT_BENCH = C.REPO.parent / "shared" / "data" / "mt_bench.jsonl"
-HF_METHODS = ("hf", "hf_static", "hf_static_compile")
-OUR_KINDS = {"plain": None, "medusa": "medusa", "hydra": "hydra", "hydra++": "hydra++"}
-FALLBACK_PROMPTS = (
-    "Compose an engaging travel blog post about a recent trip to Hawaii.",
-    "Explain how a hash table works and when to use one.",
-    "Write a Python function that checks whether a string is a palindrome.",
-    "What are the main causes of inflation? Answer in a short paragraph.",
-    "Describe the water cycle to a ten-year-old.",
-    "Give three tips for writing a clear professional email.",
-    "Summarize the plot of Romeo and Juliet in five sentences.",
-    "List the planets of the solar system with one fact about each.",
-)
-BASELINES = ("hf", "hf_static", "hf_static_compile", "plain", "medusa")
-REFERENCES = ("hf", "hf_static", "hf_static_compile")  # greedy agreement is measured against the first that ran
-
 
 class Deadline(Exception):
     pass
@@ -131,132 +119,6 @@ class SplitRecorder:
         return out
 
 
-# -- model, prompts, heads -------------------------------------------------------------------------------------
-def tiny_random_model(device, dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=256, max_position_embeddings=1024)
-    base = LlamaForCausalLM(cfg).eval().to(device=device, dtype=dtype)
-    base.generation_config.eos_token_id = None  # random weights: every method runs to max_new_tokens
-    base.generation_config.pad_token_id = 0
-    return base
-
-
-def load_prompts(args, tok, notes: dict) -> list[tuple[int, torch.Tensor]]:
-    """(question_id, input_ids [1, T]) per prompt: MT-Bench first turns through the chat template."""
-    if tok is None:  # --tiny-random: random token ids
-        g = torch.Generator().manual_seed(1)
-        return [(i, torch.randint(3, 256, (1, int(torch.randint(8, 25, (1,), generator=g))), generator=g))
-                for i in range(args.num_prompts)]
-    found = next((p for p in (Path(args.prompts), C.REPO / "shared" / "data" / "mt_bench.jsonl") if p.exists()), None)
-    if found is None:
-        notes["prompts"] = f"{args.prompts} not found: using {len(FALLBACK_PROMPTS)} built-in prompts"
-        rows = [dict(question_id=1000 + i, turns=[t]) for i, t in enumerate(FALLBACK_PROMPTS)]
-    else:
-        rows = [json.loads(x) for x in found.read_text().splitlines() if x.strip()]
-    rows = rows[: args.num_prompts]
-    return [(r.get("question_id", i), tok.apply_chat_template([{"role": "user", "content": r["turns"][0]}],
-                                                             add_generation_prompt=True, return_tensors="pt",
-                                                             return_dict=True)["input_ids"])
-            for i, r in enumerate(rows)]
-
-
-def resolve_heads(kind: str, base, args, notes: dict):
-    """Trained heads from --heads-dir/<kind>, else the shipped ones, else untrained (labelled so)."""
-    from hydra_fast.defaults import default_heads_path_or_none, heads_dir_name
-    from hydra_fast.heads import DraftHeads
-
-    path = None
-    if args.heads_dir and args.heads_dir != "untrained":
-        path = Path(args.heads_dir) / heads_dir_name(kind)
-    elif args.heads_dir is None and not args.tiny_random:
-        path = default_heads_path_or_none(kind)
-    if path is not None and (path / "config.json").exists():
-        try:
-            return DraftHeads.from_pretrained(path, base), str(path)
-        except Exception as e:  # noqa: BLE001 - e.g. heads for another base model: say so, use untrained
-            notes[f"heads_{kind}"] = f"{path}: {C.err_str(e)}; using untrained heads"
-    elif path is not None:
-        notes[f"heads_{kind}"] = f"{path}: no heads there; using untrained heads"
-    return DraftHeads.from_base(base, kind), "untrained"
-
-
-# -- methods -----------------------------------------------------------------------------------------------------
-@dataclass
-class Run:
-    tokens: list
-    wall_s: float
-    accept_lengths: list | None = None
-    step_times: list | None = None
-
-
-@dataclass
-class Method:
-    name: str
-    family: str  # "hf" or "ours"
-    heads: str  # "-", "none", a heads folder or "untrained"
-    call: object = None  # ids [1, T] -> Run
-    kind: str | None = None
-    compile: bool = False
-    info: dict = field(default_factory=dict)
-
-
-def hf_method(name: str, base, args, device, max_cache_len: int) -> Method:
-    """HF generate, greedy: dynamic cache; static cache eager; static cache with generate's own torch.compile
-    of the decoding forward (mode reduce-overhead, i.e. CUDA graphs, on CUDA). The static cache is made once
-    and reset before each call, so its buffers keep their addresses and the compiled step is reused."""
-    from transformers import CompileConfig, StaticCache
-
-    gcfg = base.generation_config
-    pad = gcfg.pad_token_id if gcfg.pad_token_id is not None else 0
-    kw = dict(do_sample=False, pad_token_id=pad)
-    info = {}
-    cache = None
-    if name in ("hf_static", "hf_static_compile"):
-        cache = StaticCache(config=base.config, max_cache_len=max_cache_len)
-        kw.update(past_key_values=cache)
-    if name == "hf_static":
-        kw.update(disable_compile=True)
-    elif name == "hf_static_compile":
-        cc = CompileConfig(mode="reduce-overhead" if device.type == "cuda" else "default")
-        if device.type != "cuda":
-            cc._compile_all_devices = True  # generate compiles on CPU only when asked to
-        kw.update(compile_config=cc)
-        info["compile_mode"] = cc.mode
-
-    def call(ids, max_new_tokens=None):
-        ids = ids.to(device)
-        if cache is not None:
-            cache.reset()
-        C.sync(device)
-        t0 = time.perf_counter()
-        out = base.generate(ids, attention_mask=torch.ones_like(ids),
-                            max_new_tokens=max_new_tokens or args.max_new_tokens, **kw)
-        C.sync(device)
-        return Run(out[0, ids.shape[1]:].tolist(), time.perf_counter() - t0)
-
-    return Method(name, "hf", "-", call, info=info)
-
-
-def our_method(name: str, kind, heads, label: str, base, args, tree, max_cache_len: int, compile: bool) -> Method:
-    from hydra_fast.model import HydraModel
-
-    model = HydraModel(base, heads, tree=tree, max_cache_len=max_cache_len, use_kernels=not args.reference_ops,
-                       cuda_graph=not args.no_cuda_graph, compile=compile)
-
-    def call(ids, max_new_tokens=None):
-        t0 = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=max_new_tokens or args.max_new_tokens, return_dict_in_generate=True)
-        dt = time.perf_counter() - t0  # generate reads every step back to the host: the device is done
-        return Run(out.sequences[0, ids.shape[1]:].tolist(), dt, out.accept_lengths[0], out.step_times)
-
-    tree_nodes = model.default_tree.num_nodes if heads is not None else 1
-    return Method(name, "ours", label, call, kind=kind, compile=compile,
-                  info={"model": model, "public": {"tree_nodes": tree_nodes}})
-
-
 # -- the step split ------------------------------------------------------------------------------------------
 def split_pass(m: Method, heads, base, args, tree, max_cache_len, prompts, device, stop_at: float) -> dict:
     """The step split into draft / verify / accept on a few prompts, and the one-graph step's device time."""
@@ -296,161 +158,6 @@ def split_pass(m: Method, heads, base, args, tree, max_cache_len, prompts, devic
                      if cuda else "phases: eager, host clock; step: eager, host clock"))
 
 
-# -- summaries -----------------------------------------------------------------------------------------------
-def summarize(m: Method, runs: dict, all_runs: dict, split: dict | None, max_len: int) -> dict:
-    from hydra_fast.generate import first_divergence
-
-    mine = runs
-    out = dict(family=m.family, heads=m.heads, compile=m.compile, prompts=len(mine), **m.info.get("public", {}))
-    if not mine:
-        return out
-    tok_s = [len(r.tokens) / r.wall_s for r in mine.values()]
-    out.update(tok_s=statistics.median(tok_s), tok_s_mean=statistics.mean(tok_s),
-               new_tokens=sum(len(r.tokens) for r in mine.values()))
-    if m.family == "ours":
-        steps = [a for r in mine.values() for a in r.accept_lengths]
-        times = [t for r in mine.values() for t in r.step_times]
-        hist = [0] * max_len
-        for a in steps:
-            hist[min(a, max_len) - 1] += 1
-        out.update(tau=sum(steps) / max(1, len(steps)), steps=len(steps), accept_hist=hist,
-                   step_ms=statistics.median(times) * 1e3 if times else None,
-                   decode_tok_s=statistics.median(
-                       (len(r.tokens) - 1) / sum(r.step_times) for r in mine.values() if r.step_times))
-    else:
-        out.update(tau=None, accept_hist=None, step_ms=None)
-    if split:
-        out["split"] = split
-    speed = {}
-    for b in BASELINES:
-        other = all_runs.get(b)
-        if b == m.name or not other:
-            continue
-        common = sorted(set(mine) & set(other))
-        if common:
-            num = statistics.median(len(mine[q].tokens) / mine[q].wall_s for q in common)
-            den = statistics.median(len(other[q].tokens) / other[q].wall_s for q in common)
-            speed[b] = dict(x=num / den, prompts=len(common))
-    out["speedup"] = speed
-    agree = {}
-    ref_name = next((r for r in REFERENCES if all_runs.get(r)), None)
-    for label, ref in (("vs_hf", ref_name), ("vs_plain", "plain")):
-        if ref is None or ref == m.name or not all_runs.get(ref):
-            continue
-        common = sorted(set(mine) & set(all_runs[ref]))
-        divs = [first_divergence(mine[q].tokens, all_runs[ref][q].tokens) for q in common]
-        bad = [d for d in divs if d is not None]
-        agree[label] = dict(reference=ref, prompts=len(common), identical=len(divs) - len(bad),
-                            identical_share=(len(divs) - len(bad)) / len(divs) if divs else None,
-                            mean_first_div=statistics.mean(bad) if bad else None)
-    out["agreement"] = agree
-    return out
-
-
-def check_targets(summary: dict, device) -> list[dict]:
-    def x(m, b):
-        return summary.get(m, {}).get("speedup", {}).get(b, {}).get("x")
-
-    want = ([("hydra++", "plain", 3.0), ("hydra++", "medusa", 1.3), ("hydra++", "hf", 30.0)]
-            if device.type == "cuda" else [("hydra++", "hf", 2.0)])
-    rows = []
-    for m, b, need in want:
-        got = x(m, b)
-        rows.append(dict(target=f"{m} >= {need}x {b}", measured=got, met=None if got is None else got >= need,
-                         short_by=None if got is None or got >= need else need / got))
-    return rows
-
-
-# -- output --------------------------------------------------------------------------------------------------
-def _f(v, fmt="{:.1f}"):
-    return "-" if v is None else fmt.format(v)
-
-
-def _verdict(met, short_by=None) -> str:
-    if met is None:
-        return "not measured"
-    return "met" if met else "MISSED" + (f" (short by {short_by:.2f}x)" if short_by else "")
-
-
-def render_md(report: dict) -> str:
-    meta, methods = report["meta"], report["methods"]
-    head = (f"## bench_decode: {meta.get('model')} {meta.get('dtype')} on {meta.get('device_name')} "
-            f"({meta.get('date')}), tree {meta.get('tree')}, {meta.get('max_new_tokens')} new tokens")
-    rows = []
-    for name, s in methods.items():
-        if "error" in s and not s.get("tok_s"):
-            rows.append([name, s.get("heads", "-"), "err: " + s["error"][:60]] + ["-"] * 9)
-            continue
-        sp = s.get("split") or {}
-        split = ("/".join(_f(sp.get(k), "{:.2f}") for k in ("draft_ms", "verify_ms", "accept_ms", "host_ms"))
-                 if sp and "skipped" not in sp else "-")
-        ag = s.get("agreement", {}).get("vs_hf") or {}
-        rows.append([name, s.get("heads", "-"), str(s.get("prompts", 0)), _f(s.get("tok_s")),
-                     _f(s.get("tau"), "{:.2f}"),
-                     _f(s.get("step_ms"), "{:.2f}"), split,
-                     *(C.fmt_x(s.get("speedup", {}).get(b, {}).get("x"), 1.0) for b in ("hf", "hf_static_compile",
-                                                                                        "plain")),
-                     (f"{ag['identical']}/{ag['prompts']}" if ag else "-"), _f(ag.get("mean_first_div"), "{:.0f}")])
-    table = C.md_table(["method", "heads", "n", "tok/s", "tau", "step ms", "draft/verify/accept/host ms", "xHF",
-                        "xHF static+compile", "xplain", "=HF", "1st div"], rows)
-    hists = [f"- {n}: " + " ".join(f"{i + 1}:{c}" for i, c in enumerate(s["accept_hist"]))
-             for n, s in methods.items() if s.get("accept_hist")]
-    targets = [f"- {t['target']}: {_f(t['measured'], '{:.2f}x')} " + _verdict(t["met"], t.get("short_by"))
-               for t in report.get("targets", [])]
-    notes = [f"- {k}: {v}" for k, v in report.get("notes", {}).items()]
-    tail = ["", "tok/s: median over prompts of new tokens / wall time (prefill included). tau: tokens per step.",
-            "Split: a separate pass on a few prompts; draft/verify/accept = device ms per phase (three graphs),",
-            "host = step wall (replay + read-back + bookkeeping) - step device time (one graph), same pass."]
-    if report.get("stopped_early"):
-        tail.append(f"Stopped early: {report['stopped_early']}")
-    return "\n".join([head, "", table, "", "Acceptance histogram (tokens per step: count):", *hists, "",
-                      "Targets:", *targets, *(["", "Notes:", *notes] if notes else []), *tail]) + "\n"
-
-
-def write_plot(report: dict, path: Path) -> str | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception as e:  # noqa: BLE001
-        return f"no plot: {C.err_str(e)}"
-    items = [(n, s) for n, s in report["methods"].items() if s.get("tok_s")]
-    if not items:
-        return "no plot: no method has results"
-    fig, ax = plt.subplots(figsize=(1.2 * len(items) + 3, 4.5))
-    colors = ["#999999" if s["family"] == "hf" else "#1f77b4" for _, s in items]
-    bars = ax.bar([n for n, _ in items], [s["tok_s"] for _, s in items], color=colors)
-    for bar, (_, s) in zip(bars, items):
-        label = f"{s['tok_s']:.0f}" + (f"\ntau {s['tau']:.2f}" if s.get("tau") else "")
-        ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
-    ax.set_yscale("log")
-    ax.set_ylabel("tokens/s (median over prompts, log scale)")
-    meta = report["meta"]
-    ax.set_title(f"{meta.get('model')} {meta.get('dtype')} on {meta.get('device_name')}, tree {meta.get('tree')}",
-                 fontsize=9)
-    plt.xticks(rotation=20, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return None
-
-
-def write_answers(directory: Path, model_id: str, methods: dict, runs: dict, tok) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    for name, by_q in runs.items():
-        with open(directory / f"{model_id}-{name.replace('+', 'p')}.jsonl", "w") as f:
-            for qid, r in by_q.items():
-                text = (tok.decode(r.tokens, skip_special_tokens=True) if tok is not None
-                        else " ".join(map(str, r.tokens)))
-                acc = r.accept_lengths if r.accept_lengths is not None else [1] * len(r.tokens)
-                f.write(json.dumps(dict(question_id=qid, answer_id=f"{name}-{qid}", model_id=f"{model_id}-{name}",
-                                        choices=[dict(index=0, turns=[text], decoding_steps=[len(acc)],
-                                                      new_tokens=[len(r.tokens)], wall_time=[r.wall_s],
-                                                      accept_lengths=[acc])],
-                                        tstamp=time.time())) + "\n")
-
-
 # -- main ----------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -460,14 +167,21 @@ def parse_args(argv=None):
                     "(default: the shipped heads when present, else untrained heads)")
     ap.add_argument("--tree", default="mc_sim_7b_63", help="tree preset, greedy:N, a JSON list of rank lists, a tree "
                     "file, or auto (each heads folder's tree_<device>.json, else mc_sim_7b_63)")
-    ap.add_argument("--prompts", default=str(MT_BENCH), help="jsonl with question_id and turns (first turn used)")
+    ap.add_argument("--prompts", default=None, help="jsonl rows with \"turns\" (first turn used) or \"prompt\", "
+                    "optional \"category\" and \"question_id\" (default: MT-Bench when present; --tiny-random: "
+                    "random ids)")
     ap.add_argument("--num-prompts", type=int, default=80)
-    ap.add_argument("--hf-prompts", type=int, default=5, help="prompts on which the HF methods run (they are slow)")
+    ap.add_argument("--hf-prompts", type=int, default=None,
+                    help="run the HF methods on the first N prompts only (default: all; ratios say how many)")
     ap.add_argument("--split-prompts", type=int, default=3, help="prompts of the step-split pass per method")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--methods", default="hf,hf_static,hf_static_compile,plain,medusa,hydra,hydra++")
-    ap.add_argument("--compile", action="store_true", help="add torch.compile variants of --compile-methods")
-    ap.add_argument("--compile-methods", default="plain,hydra++")
+    ap.add_argument("--method", action="append", default=None, metavar="NAME",
+                    help="a method to run (repeatable; replaces --methods): " + ", ".join(HF_METHODS + tuple(OUR_KINDS))
+                    + ", or one of ours with _compile")
+    ap.add_argument("--compile", action="store_true", help="add torch.compile variants of --compile-methods (and "
+                    "always plain_compile, the baseline of compiled methods)")
+    ap.add_argument("--compile-methods", default="plain,medusa,hydra++")
     ap.add_argument("--hf-compile", choices=["auto", "on", "off"], default="auto",
                     help="run hf_static_compile (auto: on CUDA only; compiling on 2 CPU cores takes minutes)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -509,7 +223,8 @@ def main(argv=None) -> int:
         tok = AutoTokenizer.from_pretrained(path)
         base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
         model_id = path.name
-    prompts = load_prompts(args, tok, report_notes)
+    prompts, categories = load_prompts(args, tok, report_notes)
+    hf_prompts = len(prompts) if args.hf_prompts is None else args.hf_prompts
     from hydra_fast.tree import Tree
 
     sized = "mc_sim_7b_63" if tree == "auto" else tree  # auto trees come from calibration: at most 64 nodes, depth 5
@@ -520,12 +235,16 @@ def main(argv=None) -> int:
 
     meta = C.run_metadata(device, hydra_fast)
     meta.update(model=model_id, dtype=str(dtype).removeprefix("torch."), tree=args.tree, tree_nodes=tree_nodes,
-                max_new_tokens=args.max_new_tokens, num_prompts=len(prompts), hf_prompts=args.hf_prompts,
-                max_cache_len=max_cache_len)
+                max_new_tokens=args.max_new_tokens, num_prompts=len(prompts), hf_prompts=hf_prompts,
+                max_cache_len=max_cache_len, prompts_file=report_notes.get("prompts_file"),
+                categories=sorted(set(categories.values())))
     report = dict(meta=meta, methods={}, per_prompt={}, targets=[], notes=report_notes, stopped_early=None)
-    names = [n.strip() for n in args.methods.split(",") if n.strip()]
+    names = [n.strip() for n in (args.method or args.methods.split(",")) if n.strip()]
     if args.compile:
         names += [f"{n.strip()}_compile" for n in args.compile_methods.split(",") if n.strip() in OUR_KINDS]
+    if any(n.endswith("_compile") and n not in HF_METHODS for n in names) and "plain_compile" not in names:
+        names.append("plain_compile")  # a compiled method's speed-up is over compiled plain decoding
+    names = list(dict.fromkeys(names))
     hf_compile = args.hf_compile == "on" or (args.hf_compile == "auto" and device.type == "cuda")
     if "hf_static_compile" in names and not hf_compile:
         names.remove("hf_static_compile")
@@ -542,7 +261,8 @@ def main(argv=None) -> int:
     def write(final: bool = False) -> None:
         for name in order:
             if name in methods:
-                report["methods"][name] = summarize(methods[name], runs.get(name, {}), runs, splits.get(name), max_len)
+                report["methods"][name] = summarize(methods[name], runs.get(name, {}), runs, splits.get(name), max_len,
+                                                    categories)
             if name in errors:
                 report["methods"].setdefault(name, dict(heads="-", prompts=0))["error"] = errors[name]
             if name in methods:
@@ -605,6 +325,8 @@ def main(argv=None) -> int:
                     m.info["public"]["compile_mode"] = m.info.get("compile_mode")
                 log(f"warm-up {name}: {time.perf_counter() - t0:.1f}s")
                 C.sync(device)
+                if m.family == "ours":
+                    m.info["public"]["kernels_per_step"] = step_kernels(m, device)
             except Exception as e:  # noqa: BLE001 - record and go on with the other methods
                 errors[name] = C.err_str(e)
                 log(f"warm-up {name} FAILED: {errors[name]}")
@@ -614,7 +336,7 @@ def main(argv=None) -> int:
                 raise Deadline(f"main loop stopped after {i} of {len(prompts)} prompts (--deadline-s)")
             row = {}  # committed once every method has run this prompt: an interrupted prompt counts for none
             for name in live:
-                if name in errors or (methods[name].family == "hf" and i >= args.hf_prompts):
+                if name in errors or (methods[name].family == "hf" and i >= hf_prompts):
                     continue
                 try:
                     row[name] = methods[name].call(ids)

@@ -2,6 +2,7 @@
 
     python bench/bench_step.py [--models llama2-7b,llama3-8b] [--layers N] [--sizes 1,2,4,...,128]
         [--prompt-len 512] [--json out/bench_step.json] [--md ...] [--deadline-s 230] [--compile]
+        [--tau-json bench_decode.json [--tau-method hydra++] | --tau T --tau-source TEXT]
     python bench/bench_step.py --device cpu --tiny          # the same code on a tiny config, for testing
 
 (a) The plain decoding step (our engine without heads, one CUDA graph replayed) with a ~512-token context,
@@ -10,9 +11,12 @@
 (b) The speculative step with untrained Hydra++ heads against tree size: trees of N nodes (root included)
     grown greedily (bench_decode.greedy_tree) plus Medusa's released mc_sim_7b_63 (64 nodes). For each: the
     one-graph step and the step as three graphs (engine.PhasedStepRunner: draft / verify / accept), the ratio
-    to the plain step (target: 64 nodes <= 1.2x), and tokens/s PROJECTED at an assumed tau of 3.70 (the paper's
-    Hydra++ figure on Vicuna-7B): tau / step time. Times are medians of graph replays measured with CUDA
-    events ("device") and of replay + read-back measured with the host clock ("wall"), never generate().
+    to the plain step (target: 64 nodes <= 1.2x), and tokens/s PROJECTED at a measured tau: tau / step time,
+    with tau from a bench_decode JSON (--tau-json: its method's tau and the prompts it was measured on) or
+    given with its source (--tau, --tau-source); without one there is no projection. Times are medians of graph
+    replays measured with CUDA events ("device") and of replay + read-back measured with the host clock
+    ("wall"), never generate(). Each step also reports its kernels (step_profile.py: CUDA kernels of one eager
+    step; on the CPU top-level aten ops).
 Models are built on the meta device and materialised with to_empty + normal_ (seconds, not minutes), and
 freed before the next one. The context stays near --prompt-len: the cache length is reset every few steps.
 JSON is written after every measurement, so a killed run still leaves its results.
@@ -32,6 +36,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C  # noqa: E402
 from bench_decode import EagerPhasedRunner, greedy_tree  # noqa: E402
+from step_profile import kernels_per_step  # noqa: E402
+from step_report import render_md  # noqa: E402
 
 SHAPES = {
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -42,7 +48,6 @@ SHAPES = {
                  num_key_value_heads=2, vocab_size=1000, max_position_embeddings=2048, rope_theta=10000.0),
 }
 SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
-TAU = 3.70  # assumed mean accepted length for the projection (Hydra++ on Vicuna-7B, arXiv 2402.05109)
 RESET_EVERY = 8  # steps between resets of the cache length to the prompt length
 
 
@@ -175,6 +180,7 @@ def measure_engine(base, heads, tree, prompt, device, args, compile_step: bool =
     engine.prefill(prompt, lengths)
     out["capture_s"] = time.perf_counter() - t0
     out.update(time_steps(one, engine, T, device, args.budget_s, args.min_reps, args.max_reps))
+    out["kernels_per_step"] = kernels_per_step(one.step, device)
     del one
     if not compile_step:
         try:
@@ -187,77 +193,6 @@ def measure_engine(base, heads, tree, prompt, device, args, compile_step: bool =
         except Exception as e:  # noqa: BLE001
             out["phased_error"] = C.err_str(e)
     return out
-
-
-# -- output --------------------------------------------------------------------------------------------------
-def _f(v, fmt="{:.2f}"):
-    return "-" if v is None else fmt.format(v)
-
-
-def _si(v) -> str:
-    if v is None:
-        return "-"
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(v) >= scale:
-            return f"{v / scale:.2f} {unit}"
-    return f"{v:.0f} "
-
-
-def _verdict(met) -> str:
-    return "not measured" if met is None else "met" if met else "MISSED"
-
-
-def render_md(report: dict) -> str:
-    meta = report["meta"]
-    copy, mm = meta.get("copy") or {}, meta.get("matmul") or {}
-    lines = [f"## bench_step on {meta.get('device_name')} ({meta.get('date')}), {meta.get('dtype')}, context "
-             f"{meta.get('prompt_len')} tokens; copy {_f(copy.get('GBps'), '{:.0f}')} GB/s, matmul "
-             f"{_f(mm.get('TFLOPs'), '{:.3g}')} TFLOP/s (measured in this run)", ""]
-    for name, r in report["models"].items():
-        lines.append(f"### {name}: {r.get('layers')} layers, {_si(r.get('params'))} params, streams "
-                     f"{_si(r.get('streamed_bytes'))}B a step (+ Hydra++ heads {_si(r.get('heads_bytes'))}B, "
-                     f"KV {_si(r.get('kv_bytes_per_token', 0) * meta.get('prompt_len', 0))}B)")
-        if "error" in r:
-            lines.append(f"error: {r['error']}")
-        p = r.get("plain")
-        if p and "error" not in p:
-            lines += ["", C.md_table(
-                ["plain step", "device ms", "wall ms", "weight floor ms", "x floor", "% of copy bw", "floor+KV ms",
-                 "tok/s (wall)"],
-                [["one graph", _f(p.get("device_ms")), _f(p.get("wall_ms")), _f(p.get("floor_ms")),
-                  _f(p.get("x_floor"), "{:.2f}x"), _f(p.get("pct_bw"), "{:.0f}%"), _f(p.get("floor_kv_ms")),
-                  _f(p.get("tok_s"), "{:.0f}")]])]
-        elif p:
-            lines.append(f"plain step error: {p['error']}")
-        rows = []
-        for t in r.get("trees", []):
-            if "error" in t:
-                rows.append([t["tree"], str(t.get("nodes", "-")), "err: " + t["error"][:70]] + ["-"] * 10)
-                continue
-            rows.append([t["tree"], str(t["nodes"]), _f(t.get("device_ms")), _f(t.get("wall_ms")),
-                         _f(t.get("x_plain"), "{:.2f}x"), _f(t.get("draft_ms")), _f(t.get("verify_ms")),
-                         _f(t.get("accept_ms")), _f(t.get("host_ms")), _f(t.get("floor_ms")), t.get("bound") or "-",
-                         _f(t.get("proj_tok_s"), "{:.0f}"), _f(t.get("proj_speedup"), "{:.2f}x")])
-        if rows:
-            lines += ["", C.md_table(["Hydra++ tree", "nodes", "device ms", "wall ms", "x plain", "draft", "verify",
-                                      "accept", "host", "floor ms", "bound", f"PROJECTED tok/s @tau {TAU:.2f}",
-                                      "proj. x plain"], rows)]
-        for c in r.get("compiled", []):
-            lines.append(f"- compiled step {c['tree']}: " + (c["error"] if "error" in c else
-                         f"device {_f(c.get('device_ms'))} ms, wall {_f(c.get('wall_ms'))} ms"))
-        tg = r.get("target")
-        if tg:
-            lines += ["", "Targets: Hydra++ 64-node (mc_sim_7b_63) step <= 1.2x plain: "
-                      f"{_f(tg.get('x_plain'), '{:.2f}x')} {_verdict(tg.get('met'))}; plain step <= 1.18x weight "
-                      f"floor: {_f(tg.get('plain_x_floor'), '{:.2f}x')} {_verdict(tg.get('plain_met'))}"]
-        lines.append("")
-    lines += ["device ms: median CUDA-event time of one graph replay (host clock on CPU); wall ms: replay + read-back",
-              "of the result, host clock. draft/verify/accept: the step as three graphs (PhasedStepRunner); "
-              "host = wall - device.",
-              f"PROJECTED tok/s = {TAU:.2f} (assumed tau, not measured: random weights accept nothing) / wall ms."]
-    if report.get("stopped_early"):
-        lines.append(f"Stopped early: {report['stopped_early']}")
-    return "\n".join(lines) + "\n"
 
 
 # -- main ----------------------------------------------------------------------------------------------------
@@ -281,7 +216,31 @@ def parse_args(argv=None):
     ap.add_argument("--json", type=Path, default=C.REPO / "out" / "bench_step.json")
     ap.add_argument("--md", type=Path, default=None, help="default: --json with .md")
     ap.add_argument("--deadline-s", type=float, default=230.0, help="stop measuring and write results by then")
+    ap.add_argument("--tau-json", type=Path, default=None, help="a bench_decode JSON: project with its measured tau")
+    ap.add_argument("--tau-method", default="hydra++", help="the method of --tau-json whose tau is used")
+    ap.add_argument("--tau", type=float, default=None, help="a measured tau (with --tau-source)")
+    ap.add_argument("--tau-source", default=None, help="where --tau was measured: heads, prompts, model, date")
     return ap.parse_args(argv)
+
+
+def measured_tau(args) -> dict | None:
+    """{tau, source} for the projection: from --tau-json (a bench_decode JSON) or --tau with --tau-source."""
+    if args.tau is not None:
+        if not args.tau_source:
+            raise SystemExit("--tau needs --tau-source (heads, prompts, model, date of the measurement)")
+        return dict(tau=args.tau, source=args.tau_source)
+    if args.tau_json is None:
+        return None
+    report = json.loads(args.tau_json.read_text())
+    meta = report.get("meta", {})
+    m = report.get("methods", {}).get(args.tau_method) or {}
+    if not m.get("tau"):
+        raise SystemExit(f"--tau-json {args.tau_json}: no measured tau for method {args.tau_method!r} "
+                         f"(methods: {', '.join(report.get('methods', {}))})")
+    prompts = meta.get("prompts_file") or report.get("notes", {}).get("prompts_file") or "built-in prompts"
+    return dict(tau=m["tau"], source=f"{args.tau_method} with heads {m.get('heads')} on {m.get('prompts')} prompts "
+                f"of {prompts}, {meta.get('model')} {meta.get('dtype')}, {meta.get('device_name')}, "
+                f"{meta.get('date')} ({args.tau_json.name})")
 
 
 def run_model(name, args, device, dtype, report, write, check) -> None:
@@ -341,8 +300,10 @@ def run_model(name, args, device, dtype, report, write, check) -> None:
             row["floor_ms"] = row.pop("floor_us") / 1e3 if row.get("floor_us") is not None else None
             row["x_plain"] = row["device_ms"] / plain_dev if plain_dev else None
             row["wall_x_plain"] = row["wall_ms"] / plain_wall if plain_wall else None
-            row["proj_tok_s"] = TAU / (row["wall_ms"] / 1e3)
-            row["proj_speedup"] = TAU * plain_wall / row["wall_ms"] if plain_wall else None  # vs plain decoding
+            tau = (report["meta"].get("tau") or {}).get("tau")
+            if tau:
+                row["proj_tok_s"] = tau / (row["wall_ms"] / 1e3)
+                row["proj_speedup"] = tau * plain_wall / row["wall_ms"] if plain_wall else None  # vs plain
         except Deadline:
             raise
         except Exception as e:  # noqa: BLE001
@@ -388,7 +349,7 @@ def main(argv=None) -> int:
     args.md = args.md or args.json.with_suffix(".md")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     meta = C.run_metadata(device, hydra_fast)
-    meta.update(dtype=str(dtype).removeprefix("torch."), prompt_len=args.prompt_len, tau_assumed=TAU)
+    meta.update(dtype=str(dtype).removeprefix("torch."), prompt_len=args.prompt_len, tau=measured_tau(args))
     report = dict(meta=meta, models={}, stopped_early=None)
 
     def write(final=False):

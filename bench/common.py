@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -283,6 +284,7 @@ def run_metadata(device: torch.device, hydra_fast) -> dict:
                                             text=True, timeout=10).stdout.strip() or None
     except Exception:  # noqa: BLE001
         meta["git_commit"] = None
+    meta["git_commit"] = meta["git_commit"] or os.environ.get("HYDRA_FAST_COMMIT")  # a copy without .git
     return meta
 
 

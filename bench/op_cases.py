@@ -187,14 +187,8 @@ def _attn_case(name, a: AttnShape, S, N, tree_mask, device, runner, ops, referen
 
         block_mask = create_block_mask(mask_mod, None, None, N, S, device=str(device))
 
-        def with_(fl):
-            return lambda s: fl(s["q"], s["k"], s["v"], block_mask=block_mask, scale=scale, enable_gqa=group > 1)
-        fn = with_(runner.flex())
-        try:
-            fn(sets[0])  # compiles; a failure of the shared dynamic-shape one falls back to a static compile
-        except Exception:  # noqa: BLE001
-            fn = with_(runner.flex(static=True))
-        return fn
+        fl = runner.flex()  # compiled for this shape (static), as ours and the compiled reference are
+        return lambda s: fl(s["q"], s["k"], s["v"], block_mask=block_mask, scale=scale, enable_gqa=group > 1)
 
     to_bnhd = lambda out: out.transpose(1, 2)  # noqa: E731 - [B, Hq, N, D] -> [B, N, Hq, D]
     methods = _std_methods("tree_attention", runner, lambda s: call(s, ops.tree_attention),
@@ -206,8 +200,8 @@ def _attn_case(name, a: AttnShape, S, N, tree_mask, device, runner, ops, referen
     alloc = q_bytes + kv_bytes * (1 + (group if group > 1 else 0)) + N * S
     return Case(op="tree_attention", label=dict(model=name, S=S), nbytes=nbytes, flops=flops,
                 notes="q + K,V[0:len+N] + tree mask + out (len = S - N, N = 64 nodes). sdpa: bool mask [N, S], "
-                      "K/V pre-expanded to Hq heads outside the timed call; sdpa_gqa: enable_gqa=True; flex: one "
-                      "compiled flex_attention reused across S, block mask built outside the timed call.",
+                      "K/V pre-expanded to Hq heads outside the timed call; sdpa_gqa: enable_gqa=True; flex: "
+                      "flex_attention compiled with static shapes per case, block mask built outside the timed call.",
                 make_set=make_set, bytes_per_set=q_bytes + kv_bytes, alloc_per_set=alloc, truth=truth,
                 check=lambda out, ref: C.compare(out, ref, tol=2e-2), methods=methods)
 
@@ -252,7 +246,10 @@ def _accept_case(op, V, tb, device, runner, ops, reference) -> Case:
     return Case(op=op, label=dict(V=V), nbytes=nbytes, flops=0,
                 notes=f"all N rows of bf16 logits (N = {N}, P = {P} paths, L = {L}) + candidates + paths + outputs; "
                       "logits rows of a random path made acceptable to a random depth; typical: T 0.7, eps 0.09, "
-                      "alpha 0.3. Target <= 20 us and >= 5x eager.",
+                      "alpha 0.3. Target <= 20 us and >= 5x eager."
+                      + (" The typical reference (eager and compiled) computes its softmax in float64, as the spec "
+                         "does: its x eager overstates the gain over a float32 implementation." if op == "accept_typical"
+                         else ""),
                 make_set=make_set, bytes_per_set=nbytes, truth=lambda s: call(s, ref),
                 check=C.compare_exact,
                 methods=_std_methods(op, runner, lambda s: call(s, getattr(ops, op)),

@@ -46,7 +46,6 @@ class Runner:
         self.copy: dict = {}
         self.matmul: dict = {}
         self.compile_spent: dict[str, float] = {}
-        self.flex_fn = None
         self.op = ""
         self._auto: dict = {}
         if device.type == "cuda":
@@ -107,21 +106,16 @@ class Runner:
             return self._auto[key]
         return torch.compile(fn, dynamic=False)
 
-    def flex(self, static: bool = False):
-        """torch.compile(flex_attention): by default one object for the run, reused across shapes (torch's
-        automatic dynamic shapes: a new S costs a compile at most once per head shape); static=True gives a
-        shape-specialised one, the fallback when the dynamic one fails."""
+    def flex(self):
+        """torch.compile(flex_attention, dynamic=False): specialised to the case's shapes, like the compiled
+        reference under --compile static (a dynamic-shape graph would time a more general kernel)."""
         if self.policy.compile_mode == "off":
             raise Skip("--compile off")
         if self.late():
             raise Skip("deadline")
         from torch.nn.attention.flex_attention import flex_attention
 
-        if static:
-            return torch.compile(flex_attention, dynamic=False)
-        if self.flex_fn is None:
-            self.flex_fn = torch.compile(flex_attention)
-        return self.flex_fn
+        return torch.compile(flex_attention, dynamic=False)
 
     # -- one case ---------------------------------------------------------------------------------------------
     def run_case(self, case) -> dict:

@@ -1,7 +1,8 @@
-"""bench/bench_decode.py and bench/bench_step.py run end to end on the CPU and write the JSON the lead reads.
+"""bench/bench_decode.py and bench/bench_step.py run end to end on the CPU and write the JSON a reader needs.
 
 A tiny random Llama (no download), 2 prompts x 8 new tokens, and bench_step's tiny config: well under a minute.
 One CPU thread each: on a shared 2-core machine more threads only add contention. The benchmarks run on the GPU.
+Deadlines are generous (the runs take seconds): the tests check behaviour, not how fast a loaded machine is.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def test_bench_decode_tiny_random_cpu(tmp_path):
     proc = _run([str(REPO / "bench" / "bench_decode.py"), "--tiny-random", "--device", "cpu", "--threads", "1",
                  "--num-prompts", "2", "--hf-prompts", "2", "--split-prompts", "1", "--max-new-tokens", "8",
                  "--methods", "hf,hf_static,hf_static_compile,plain,medusa,hydra,hydra++", "--tree", "tiny",
-                 "--json", str(out), "--answers-dir", str(answers), "--deadline-s", "100"], timeout=150)
+                 "--json", str(out), "--answers-dir", str(answers), "--deadline-s", "1500"], timeout=1800)
     assert "| method |" in proc.stdout and out.with_suffix(".md").exists()
 
     report = json.loads(out.read_text())
@@ -57,6 +58,11 @@ def test_bench_decode_tiny_random_cpu(tmp_path):
     assert methods["hydra++"]["heads"] == "untrained"
     assert methods["plain"]["accept_hist"][1:] == [0] * (len(methods["plain"]["accept_hist"]) - 1)
     assert [t["target"] for t in report["targets"]] == ["hydra++ >= 2.0x hf"]
+    for name in ("plain", "hydra++"):  # one eager step profiled: on the CPU, top-level aten ops
+        k = methods[name]["kernels_per_step"]
+        assert k["what"] == "aten ops (top-level)" and k["count"] > 0, k
+    assert methods["hydra++"]["kernels_per_step"]["count"] > methods["plain"]["kernels_per_step"]["count"]
+    assert methods["hydra++"]["vs_plain_same_mode"]["baseline"] == "plain"
 
     lines = (answers / "tiny-random-llama-hydrapp.jsonl").read_text().splitlines()
     row = json.loads(lines[0])
@@ -69,13 +75,14 @@ def test_bench_step_tiny_cpu(tmp_path):
     out = tmp_path / "step.json"
     proc = _run([str(REPO / "bench" / "bench_step.py"), "--device", "cpu", "--tiny", "--threads", "1",
                  "--sizes", "1,4,16", "--budget-s", "0.05", "--min-reps", "3", "--json", str(out),
-                 "--deadline-s", "60"], timeout=120)
+                 "--tau", "2.0", "--tau-source", "a test value", "--deadline-s", "1000"], timeout=1200)
     assert "Hydra++ tree" in proc.stdout and out.with_suffix(".md").exists()
 
     report = json.loads(out.read_text())
     assert report["stopped_early"] is None
     meta = report["meta"]
-    assert meta["copy"]["GBps"] > 0 and meta["matmul"]["TFLOPs"] > 0 and meta["tau_assumed"] == 3.70
+    assert meta["copy"]["GBps"] > 0 and meta["matmul"]["TFLOPs"] > 0
+    assert meta["tau"] == {"tau": 2.0, "source": "a test value"}
     tiny = report["models"]["tiny"]
     assert tiny["streamed_bytes"] < tiny["param_bytes"] and tiny["heads_bytes"] > 0  # input embedding not streamed
     plain = tiny["plain"]
@@ -90,6 +97,41 @@ def test_bench_step_tiny_cpu(tmp_path):
             assert t[key] >= 0, (name, key)
     assert [trees[n]["nodes"] for n in trees] == [1, 4, 16, 64]
     assert tiny["target"]["x_plain"] == trees["mc_sim_7b_63"]["x_plain"]
+    mc = trees["mc_sim_7b_63"]
+    assert abs(mc["proj_tok_s"] - 2.0 / (mc["wall_ms"] / 1e3)) < 1e-6 * mc["proj_tok_s"]
+    assert plain["kernels_per_step"]["count"] > 0
+    assert mc["kernels_per_step"]["count"] > plain["kernels_per_step"]["count"]
+
+
+def test_bench_decode_categories_and_compiled_baselines(tmp_path):
+    # a prompt file of both formats with categories; --method repeated; --compile adds plain_compile, the
+    # baseline of every compiled method (no compilation here: only the method list is built, --deadline-s 0)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps(r) for r in (
+        {"category": "math", "prompt": "What is 2 + 2?"}, {"category": "code", "turns": ["Write a loop.", "More."]},
+        {"category": "math", "prompt": "Add 3 and 4."})) + "\n")
+    out = tmp_path / "decode.json"
+    _run([str(REPO / "bench" / "bench_decode.py"), "--tiny-random", "--device", "cpu", "--threads", "1",
+          "--prompts", str(prompts), "--num-prompts", "3", "--split-prompts", "0", "--max-new-tokens", "6",
+          "--method", "plain", "--method", "hydra", "--tree", "tiny", "--json", str(out), "--deadline-s", "1000"],
+         timeout=1200)
+    report = json.loads(out.read_text())
+    assert report["meta"]["categories"] == ["code", "math"]
+    for name in ("plain", "hydra"):
+        m = report["methods"][name]
+        assert m["prompts"] == 3 and set(m["categories"]) == {"code", "math"}
+        assert m["categories"]["math"]["prompts"] == 2 and m["categories"]["code"]["prompts"] == 1
+        mean = m["mean_over_categories"]
+        assert mean["categories"] == 2
+        assert abs(mean["tau"] - (m["categories"]["math"]["tau"] + m["categories"]["code"]["tau"]) / 2) < 1e-9
+    assert "Per category" in out.with_suffix(".md").read_text()
+
+    listed = tmp_path / "compiled.json"
+    _run([str(REPO / "bench" / "bench_decode.py"), "--tiny-random", "--device", "cpu", "--num-prompts", "1",
+          "--method", "hydra++", "--compile", "--compile-methods", "medusa,hydra++", "--json", str(listed),
+          "--deadline-s", "0"], timeout=600)
+    names = list(json.loads(listed.read_text())["methods"])
+    assert names == ["hydra++", "medusa_compile", "hydra++_compile", "plain_compile"]
 
 
 def test_greedy_tree_is_valid():
