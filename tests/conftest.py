@@ -37,9 +37,13 @@ def device(request) -> torch.device:
 
 
 def require_kernel(op: str, device) -> None:
-    """Skip (with the reason in the report) where hydra_fast::op has no kernel for device's backend yet."""
+    """Fail where a build that has the extension lacks hydra_fast::op's CPU kernel (every op must have one);
+    skip, with the reason in the report, where its CUDA kernel is missing."""
     key = "CUDA" if torch.device(device).type == "cuda" else "CPU"
     if not torch._C._dispatch_has_kernel_for_dispatch_key(f"hydra_fast::{op}", key):
+        if key == "CPU" and ops.extension_loaded():
+            pytest.fail(f"hydra_fast._C is built but registers no CPU kernel for hydra_fast::{op}: add "
+                        f"csrc/cpu/{op}.cpp (TORCH_LIBRARY_IMPL(hydra_fast, CPU, m)) and list it in CMakeLists.txt")
         pytest.skip(f"no {key} kernel registered for hydra_fast::{op}")
 
 
