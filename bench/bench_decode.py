@@ -5,17 +5,18 @@
         [--methods hf,hf_static,... | --method NAME ...] [--compile] [--device cuda] [--dtype bfloat16]
         [--json out/bench_decode.json] [--md ...] [--plot ...] [--answers-dir DIR] [--deadline-s 480]
 
-One process, one machine, the same prompts for every method (gpt-fast ``generate.py``, Spec-Bench). The prompt
-loop is outermost, so when the deadline stops the run every method has seen the same prompts; HF methods run
-on every prompt unless ``--hf-prompts`` limits them, and speedups are ratios of medians over the prompts both
-methods ran (marked where they cover fewer prompts). The headline is each method over our plain decoding in
-the same mode (``plain_compile`` for compiled methods; ``--compile`` always adds it). Prompt files are JSONL
-with "turns" (MT-Bench; the first turn is used) or "prompt", and optionally "category": tok/s and tau are
-then also reported per category and as the mean over categories. Warm-up (graph capture, compilation) happens before any timing. Per method: tokens/s (median over
-prompts, wall clock incl. prefill), mean accepted length tau (tokens per step), the acceptance histogram, the
-step split into draft / verify / accept / host (a separate pass: on CUDA the step as three graphs with events,
-``engine.PhasedStepRunner``; on CPU each phase timed eagerly), speedup over each baseline, kernels per step
-(``step_profile.py``) and greedy agreement with HF. JSON is written after every prompt, so a killed run still leaves its results.
+One process, one machine, the same prompts for every method (gpt-fast ``generate.py``, Spec-Bench). The prompt loop
+is outermost, so when the deadline stops the run every method has seen the same prompts; HF methods run on every
+prompt unless ``--hf-prompts`` limits them, and speedups are ratios of medians over the prompts both methods ran
+(marked where they cover fewer prompts). The headline is each method over our plain decoding in the same mode
+(``plain_compile`` for compiled methods; ``--compile`` always adds it). Prompt files are JSONL with "turns"
+(MT-Bench; the first turn is used) or "prompt", and optionally "category": tok/s and tau are then also reported per
+category and as the mean over categories. Warm-up (graph capture, compilation) happens before any timing. Per
+method: tokens/s (median over prompts, wall clock incl. prefill), mean accepted length tau (tokens per step), the
+acceptance histogram, the step split into draft / verify / accept / host (a separate pass: on CUDA the step as
+three graphs with events, ``engine.PhasedStepRunner``; on CPU each phase timed eagerly), speedup over each
+baseline, kernels per step (``step_profile.py``) and greedy agreement with HF. JSON is written after every prompt,
+so a killed run still leaves its results.
 """
 from __future__ import annotations
 

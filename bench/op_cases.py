@@ -247,9 +247,9 @@ def _accept_case(op, V, tb, device, runner, ops, reference) -> Case:
                 notes=f"all N rows of bf16 logits (N = {N}, P = {P} paths, L = {L}) + candidates + paths + outputs; "
                       "logits rows of a random path made acceptable to a random depth; typical: T 0.7, eps 0.09, "
                       "alpha 0.3. Target <= 20 us and >= 5x eager."
-                      + (" The typical reference (eager and compiled) computes its softmax in float64, as the spec "
-                         "does: its x eager overstates the gain over a float32 implementation." if op == "accept_typical"
-                         else ""),
+                      + (" The typical reference (eager and compiled) computes its softmax in float64, as the "
+                         "spec does: its x eager overstates the gain over a float32 implementation."
+                         if op == "accept_typical" else ""),
                 make_set=make_set, bytes_per_set=nbytes, truth=lambda s: call(s, ref),
                 check=C.compare_exact,
                 methods=_std_methods(op, runner, lambda s: call(s, getattr(ops, op)),

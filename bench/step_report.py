@@ -86,7 +86,8 @@ def render_md(report: dict) -> str:
               "of the result, host clock. draft/verify/accept: the step as three graphs (PhasedStepRunner); "
               "host = wall - device.",
               "PROJECTED tok/s = tau / wall ms, with tau measured elsewhere (random weights accept nothing): "
-              + (f"{tau['tau']:.2f}, {tau['source']}." if tau else "no measured tau given (--tau-json), no projection."),
+              + (f"{tau['tau']:.2f}, {tau['source']}." if tau
+                 else "no measured tau given (--tau-json), no projection."),
               "kernels: " + ", ".join(f"{n} {k}" for n, k in kernel_counts(report)) if kernel_counts(report) else ""]
     if report.get("stopped_early"):
         lines.append(f"Stopped early: {report['stopped_early']}")

@@ -9,13 +9,15 @@
 #                  repeat it to benchmark several collections, one bench_decode run each
 #   --prompts FILE prompts jsonl: {"turns": [...]} (MT-Bench) or {"category": ..., "prompt": ...}
 #                  (default: ../shared/data/mt_bench.jsonl when present, else bench_decode's built-in prompts)
-#   --stages LIST  comma list of build,test,decode,step,ops (default: all, in that order)
+#   --stages LIST  comma list of build,test,slowtest,decode,step,ops (default: all but slowtest, in that order;
+#                  slowtest: the CUDA tests marked slow, e.g. SmolLM2 fp32 on all 80 MT-Bench first turns)
 #   OUT            output folder: one log per stage, the benchmarks' JSON/Markdown, machine.txt, stages.txt
 #
 # Environment: MAX_JOBS (build jobs, default 16), HYDRA_FAST_CUDA_ARCHS (default 90), CXX / CUDAHOSTCXX
-# (compilers), HYDRA_FAST_COMMIT (the commit to record where the checkout has no .git), NUM_PROMPTS (default 80), HF_PROMPTS (prompts the HF baselines run, default NUM_PROMPTS),
-# MAX_NEW_TOKENS (default 128), DECODE_S / STEP_S / OPS_S (each benchmark's deadline in seconds: 900 / 400 /
-# 600), TAU_JSON (a bench_decode JSON whose measured tau bench_step's projections use; default: this OUT's).
+# (compilers), HYDRA_FAST_COMMIT (the commit to record where the checkout has no .git), NUM_PROMPTS (default
+# 80), HF_PROMPTS (prompts the HF baselines run, default NUM_PROMPTS), MAX_NEW_TOKENS (default 128), DECODE_S /
+# STEP_S / OPS_S (each benchmark's deadline in seconds: 900 / 400 / 600), TAU_JSON (a bench_decode JSON whose
+# measured tau bench_step projects with; default: this OUT's bench_decode.json when the decode stage ran).
 # Copy bandwidth and matmul rate are measured in the same run by bench_step and bench_ops (their JSON "meta").
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -28,14 +30,15 @@ while [ $# -gt 0 ]; do
     --heads) HEADS+=("$2"); shift 2 ;;
     --prompts) PROMPTS=$2; shift 2 ;;
     --stages) STAGES=$2; shift 2 ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d'; exit 0 ;;
     -*) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
     *) OUT=$1; shift ;;
   esac
 done
 [ -n "${OUT:-}" ] || { echo "usage: $0 [--model DIR] [--heads DIR]... [--prompts FILE] [--stages LIST] OUT" >&2; exit 2; }
 for s in ${STAGES//,/ }; do
-  case "$s" in build|test|decode|step|ops) ;; *) echo "unknown stage $s: choose from build,test,decode,step,ops" >&2; exit 2 ;; esac
+  case "$s" in build|test|slowtest|decode|step|ops) ;;
+    *) echo "unknown stage $s: choose from build,test,slowtest,decode,step,ops" >&2; exit 2 ;; esac
 done
 [ -z "$MODEL" ] || [ -f "$MODEL/config.json" ] || { echo "--model $MODEL: no config.json there (an HF model folder)" >&2; exit 2; }
 for h in "${HEADS[@]}"; do [ -d "$h" ] || { echo "--heads $h is not a folder" >&2; exit 2; }; done
@@ -78,11 +81,16 @@ for s in ${STAGES//,/ }; do
     ;;
   test)
     # two processes: a crash in the bad-input tests must not hide the other results
-    stage test python3 -m pytest -q -rfE -p no:cacheprovider -m cuda tests/test_ops.py tests/test_cuda_engine.py \
+    stage test python3 -m pytest -q -rfE -p no:cacheprovider -m "cuda and not slow" tests/test_ops.py tests/test_cuda_engine.py \
       -k "not bad_inputs and not device_mismatch" --junitxml "$OUT/test.xml" || failed=1
     stage test_bad_inputs python3 -m pytest -q -rfE -p no:cacheprovider -m cuda tests/test_ops.py \
       -k "bad_inputs or device_mismatch" --junitxml "$OUT/test_bad_inputs.xml" || failed=1
     tail -n 3 "$OUT/test.log" "$OUT/test_bad_inputs.log"
+    ;;
+  slowtest)
+    stage slowtest python3 -m pytest -q -rfE -p no:cacheprovider -m "cuda and slow" tests/ \
+      --junitxml "$OUT/slowtest.xml" || failed=1
+    tail -n 3 "$OUT/slowtest.log"
     ;;
   decode)
     if [ ${#HEADS[@]} -eq 0 ]; then runs=(""); else runs=("${HEADS[@]}"); fi

@@ -1,4 +1,4 @@
-"""bench/bench_ops.py runs end to end in its quick CPU mode and writes the JSON the lead's tools read.
+"""bench/bench_ops.py runs end to end in its quick CPU mode and writes the JSON its readers use.
 
 One op, no torch.compile, tiny sizes: a few seconds. The benchmark itself runs on the GPU machine.
 """
