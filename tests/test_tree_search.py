@@ -1,17 +1,18 @@
 """Tree calibration: measured node acceptance, the best tree per budget, timed candidates, tree files."""
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
 import torch
 
-from hydra_fast.engine import SamplingConfig
 from hydra_fast.heads import DraftHeads
 from hydra_fast.model import HydraModel, resolve_tree
 from hydra_fast.tree import Tree
 from hydra_fast.tree_search import Acceptance, TreeChoice, calibrate, grown_tree, load_tree, measure_acceptance
-from test_engine import V, OracleHeads, hf_greedy, perturbed_heads, tiny
+from oracle_heads import OracleHeads, bind, true_sequences
+from test_engine import V, perturbed_heads, tiny
 
 
 def test_best_nodes_are_trees_ranked_by_measured_acceptance():
@@ -34,31 +35,36 @@ def test_best_nodes_are_trees_ranked_by_measured_acceptance():
     assert acc.expected_tokens([[7, 7, 7]]) == 1.0  # an unmeasured node counts nothing
 
 
-def _oracle_model(wrong_after: int, tree):
+@contextlib.contextmanager
+def oracle_model(wrong_after: int):
+    """A tiny Llama whose oracle heads are right on the rank-0 chain down to ``wrong_after``, wrong elsewhere."""
     base = tiny("llama")
     ids = torch.randint(0, V, (1, 9))
-    ref = hf_greedy(base, ids, 120)
-    heads = OracleHeads(DraftHeads.from_base(base, "hydra"), ref[0], 9, wrong_after)
-    model = HydraModel(base, heads, max_cache_len=512, cuda_graph=False)
-    heads.engine = model._get_engine(1, Tree.from_choices(tree), SamplingConfig(), True)[0]
-    return model, ids
+    oracle = OracleHeads(DraftHeads.from_base(base, "hydra"), true_sequences(base, [ids], 120), wrong_after)
+    with bind(oracle):
+        yield HydraModel(base, oracle, max_cache_len=512, cuda_graph=False), ids
 
 
-def test_measured_acceptance_follows_the_drafts():
-    # The oracle drafts the true continuation on the rank-0 path down to depth 2 and wrong tokens elsewhere.
-    model, ids = _oracle_model(wrong_after=2, tree="mc_sim_7b_63")
-    acc = measure_acceptance(model, [ids], "mc_sim_7b_63", max_new_tokens=100)
-    q = dict(zip(acc.nodes, acc.q))
-    assert acc.steps >= 30
-    assert q[(0,)] > 0.9 and q[(0, 0)] > 0.9
-    assert max(v for n, v in q.items() if n not in ((0,), (0, 0))) < 0.1
-    assert len(acc.nodes) == 63 and all(0.0 <= v <= 1.0 for v in acc.q)
+def test_measured_acceptance_follows_the_drafts_and_predicts_tau_exactly():
+    # The oracle drafts the true continuation on the rank-0 path down to depth 2 and wrong tokens elsewhere,
+    # so q is 1 on (0,) and (0, 0) and 0 elsewhere, and any tree's expected tokens per step is its measured tau.
+    with oracle_model(wrong_after=2) as (model, ids):
+        acc = measure_acceptance(model, [ids], "mc_sim_7b_63", max_new_tokens=100)
+        q = dict(zip(acc.nodes, acc.q))
+        assert acc.steps >= 30 and len(acc.nodes) == 63
+        assert q[(0,)] == q[(0, 0)] == 1.0
+        assert all(v == 0.0 for n, v in q.items() if n not in ((0,), (0, 0)))
+        for tree in ([[0]], [[0], [1], [0, 0], [0, 0, 0]], "mc_sim_7b_63"):
+            out = model.generate(ids, max_new_tokens=61, tree=tree, return_dict_in_generate=True)
+            steps = out.accept_lengths[0]
+            nodes = Tree.from_choices(tree).nodes[1:]
+            assert sum(steps) / len(steps) == acc.expected_tokens(nodes), tree
 
 
 def test_calibrate_keeps_the_fastest_candidate_and_writes_a_tree_file(tmp_path):
-    model, ids = _oracle_model(wrong_after=99, tree="mc_sim_7b_63")
-    choice = calibrate(model, [ids], budgets=(1, 2, 4), depths=(1, 4), calibration_tree="mc_sim_7b_63",
-                       max_new_tokens=60)
+    with oracle_model(wrong_after=99) as (model, ids):
+        choice = calibrate(model, [ids], budgets=(1, 2, 4), depths=(1, 4), calibration_tree="mc_sim_7b_63",
+                           max_new_tokens=60)
     assert {c["nodes"] for c in choice.candidates} >= {0, 1, 2, 4}  # the root-only tree is a candidate
     best = max(choice.candidates, key=lambda c: c["tokens_per_s"])
     assert choice.step_ms == best["step_ms"] and choice.expected_tokens == best["expected_tokens"]
