@@ -144,6 +144,10 @@ def tiny_random_model(device, dtype):
     return base
 
 
+def _first_turn(row: dict) -> str:
+    return row["turns"][0] if "turns" in row else row["prompt"]  # MT-Bench, or bench/prompts/heldout.jsonl
+
+
 def load_prompts(args, tok, notes: dict) -> list[tuple[int, torch.Tensor]]:
     """(question_id, input_ids [1, T]) per prompt: MT-Bench first turns through the chat template."""
     if tok is None:  # --tiny-random: random token ids
@@ -157,7 +161,7 @@ def load_prompts(args, tok, notes: dict) -> list[tuple[int, torch.Tensor]]:
     else:
         rows = [json.loads(x) for x in found.read_text().splitlines() if x.strip()]
     rows = rows[: args.num_prompts]
-    return [(r.get("question_id", i), tok.apply_chat_template([{"role": "user", "content": r["turns"][0]}],
+    return [(r.get("question_id", i), tok.apply_chat_template([{"role": "user", "content": _first_turn(r)}],
                                                              add_generation_prompt=True, return_tensors="pt",
                                                              return_dict=True)["input_ids"])
             for i, r in enumerate(rows)]
@@ -175,7 +179,7 @@ def resolve_heads(kind: str, base, args, notes: dict):
         path = default_heads_path_or_none(kind)
     if path is not None and (path / "config.json").exists():
         try:
-            return DraftHeads.from_pretrained(path, base), str(path)
+            return DraftHeads.from_pretrained(path, base, draft_vocab=args.draft_vocab), str(path)
         except Exception as e:  # noqa: BLE001 - e.g. heads for another base model: say so, use untrained
             notes[f"heads_{kind}"] = f"{path}: {C.err_str(e)}; using untrained heads"
     elif path is not None:
@@ -253,8 +257,9 @@ def our_method(name: str, kind, heads, label: str, base, args, tree, max_cache_l
         return Run(out.sequences[0, ids.shape[1]:].tolist(), dt, out.accept_lengths[0], out.step_times)
 
     tree_nodes = model.default_tree.num_nodes if heads is not None else 1
+    draft_vocab = heads.draft_vocab.size if heads is not None and heads.draft_vocab is not None else 0
     return Method(name, "ours", label, call, kind=kind, compile=compile,
-                  info={"model": model, "public": {"tree_nodes": tree_nodes}})
+                  info={"model": model, "public": {"tree_nodes": tree_nodes, "draft_vocab": draft_vocab}})
 
 
 # -- the step split ------------------------------------------------------------------------------------------
@@ -460,7 +465,12 @@ def parse_args(argv=None):
                     "(default: the shipped heads when present, else untrained heads)")
     ap.add_argument("--tree", default="mc_sim_7b_63", help="tree preset, greedy:N, a JSON list of rank lists, a tree "
                     "file, or auto (each heads folder's tree_<device>.json, else mc_sim_7b_63)")
-    ap.add_argument("--prompts", default=str(MT_BENCH), help="jsonl with question_id and turns (first turn used)")
+    ap.add_argument("--draft-vocab", type=int, default=None, metavar="N",
+                    help="trained heads draft from their N most frequent tokens (draft_vocab.safetensors; 0: full "
+                         "vocabulary; default: each heads config's draft_vocab_size)")
+    ap.add_argument("--prompts", default=str(MT_BENCH),
+                    help="jsonl with question_id and turns (first turn used), or with prompt "
+                         "(bench/prompts/heldout.jsonl)")
     ap.add_argument("--num-prompts", type=int, default=80)
     ap.add_argument("--hf-prompts", type=int, default=5, help="prompts on which the HF methods run (they are slow)")
     ap.add_argument("--split-prompts", type=int, default=3, help="prompts of the step-split pass per method")
