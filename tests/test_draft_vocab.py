@@ -80,6 +80,12 @@ def test_compact_head_follows_lm_head_changes():
     assert torch.equal(flipped, draft(fresh, base, hidden, root)) and not torch.equal(flipped, before)
     lm.weight = torch.nn.Parameter(lm.weight.detach() * -1.0)  # new storage
     assert torch.equal(draft(heads, base, hidden, root), before)
+    heads.set_draft_vocab(torch.arange(0, V, 3))
+    with torch.inference_mode():  # compact heads made here cannot be updated in place outside it
+        assert torch.equal(draft(heads, base, hidden, root), before)
+    with torch.no_grad():
+        lm.weight.mul_(-1.0)
+    assert torch.equal(draft(heads, base, hidden, root), flipped)
 
 
 def test_reduced_draft_compiles_fullgraph():

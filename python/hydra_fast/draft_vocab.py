@@ -115,6 +115,11 @@ def size_for_coverage(file: DraftVocabFile, coverage: float, multiple: int = 64)
     return min(V, -(-size // multiple) * multiple)
 
 
+def _version(t: torch.Tensor) -> int:
+    """In-place updates counted so far (inference tensors keep no count)."""
+    return -1 if t.is_inference() else t._version
+
+
 class DraftVocab(nn.Module):
     """The V' draft ids on the heads' device, and the compact LM heads gathered from the full ones.
 
@@ -140,15 +145,17 @@ class DraftVocab(nn.Module):
         if self.ids.device != w.device:
             raise ValueError(f"draft vocabulary ids are on {self.ids.device} but the LM head is on {w.device}: "
                              "move the heads to the base model's device")
-        key = (w.data_ptr(), w.device, w.dtype, tuple(w.shape), w._version,
-               None if b is None else (b.data_ptr(), b._version))
+        key = (w.data_ptr(), w.device, w.dtype, tuple(w.shape), _version(w),
+               None if b is None else (b.data_ptr(), _version(b)))
         kept = self._compact.get(slot)
         if kept is not None and kept[0] == key:
             return kept[1], kept[2]
         if int(self.ids.max()) >= w.shape[0]:
             raise ValueError(f"draft vocabulary id {int(self.ids.max())} >= the LM head's {w.shape[0]} rows")
-        if kept is not None and kept[1].shape == (self.size, w.shape[1]) and kept[1].dtype == w.dtype and \
-                kept[1].device == w.device and (kept[2] is None) == (b is None):
+        in_place = kept is not None and kept[1].shape == (self.size, w.shape[1]) and kept[1].dtype == w.dtype and \
+            kept[1].device == w.device and (kept[2] is None) == (b is None) and \
+            not (kept[1].is_inference() and not torch.is_inference_mode_enabled())  # made under inference_mode
+        if in_place:
             weight, bias = kept[1].copy_(w[self.ids]), None if b is None else kept[2].copy_(b[self.ids])
         else:
             weight, bias = w[self.ids].contiguous(), None if b is None else b[self.ids].contiguous()  # [V', d]
