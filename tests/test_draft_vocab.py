@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 from _train_tiny import char_tokenizer, tiny_llama
+from conftest import cuda_ready
 from safetensors.torch import load_file
 from test_heads import io, randomize, tiny
 
@@ -131,6 +132,32 @@ def test_greedy_output_matches_hf_with_a_reduced_vocab(kind):
     out = model.generate(ids, max_new_tokens=24, return_dict_in_generate=True)
     assert torch.equal(out.sequences, want)
     assert -1 in heads.draft_vocab._compact  # the engine drafted through the compact LM head
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not cuda_ready(), reason="needs a CUDA device and hydra_fast._C built with CUDA")
+def test_cuda_graph_step_with_a_reduced_vocab_follows_lm_head_updates():
+    base = tiny().cuda()
+    heads = DraftHeads.from_base(base, "hydra")
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(2)).cuda() * 0.02)
+    heads.set_draft_vocab(torch.randperm(V, generator=torch.Generator().manual_seed(6))[:64])
+    model = HydraModel(base, heads, tree="mc_sim_7b_63", cuda_graph=True)
+    ids = torch.randint(3, V, (1, 9), generator=torch.Generator().manual_seed(5)).cuda()
+    for round_ in range(2):
+        want = base.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=0)
+        assert torch.equal(model.generate(ids, max_new_tokens=24), want)
+        assert model._runner.graph is not None
+        lm = base.get_output_embeddings()
+        _, compact, _ = heads.draft_vocab._compact[-1]
+        assert torch.equal(compact, lm.weight[heads.draft_vocab.ids])  # gathered from the current LM head
+        if round_ == 0:
+            first = compact.data_ptr()
+            with torch.no_grad():  # the captured graph must see the update: the compact head is refreshed in place
+                lm.weight.add_(torch.randn(lm.weight.shape, generator=torch.Generator().manual_seed(8)).cuda() * 0.1)
+        else:
+            assert compact.data_ptr() == first
 
 
 def test_config_field_round_trips(tmp_path):

@@ -63,6 +63,9 @@ class OracleHeads(torch.nn.Module):
         self.wrong_after = wrong_after
         self.engine = None
 
+    def prepare_draft(self, lm_head):
+        self.real.prepare_draft(lm_head)
+
     def draft(self, hidden, root, bufs, embed_weight, lm_head, impl):
         cand = self.real.draft(hidden, root, bufs, embed_weight, lm_head, impl).clone()
         pos = int(self.engine.cache.lens[0])  # the root's position
