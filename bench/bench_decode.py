@@ -168,6 +168,9 @@ def parse_args(argv=None):
                     "(default: the shipped heads when present, else untrained heads)")
     ap.add_argument("--tree", default="mc_sim_7b_63", help="tree preset, greedy:N, a JSON list of rank lists, a tree "
                     "file, or auto (each heads folder's tree_<device>.json, else mc_sim_7b_63)")
+    ap.add_argument("--draft-vocab", type=int, default=None, metavar="N",
+                    help="trained heads draft from their N most frequent tokens (draft_vocab.safetensors; 0: full "
+                         "vocabulary; default: each heads config's draft_vocab_size)")
     ap.add_argument("--prompts", default=None, help="jsonl rows with \"turns\" (first turn used) or \"prompt\", "
                     "optional \"category\" and \"question_id\" (default: MT-Bench when present; --tiny-random: "
                     "random ids)")

@@ -95,7 +95,7 @@ def resolve_heads(kind: str, base, args, notes: dict):
         path = default_heads_path_or_none(kind)
     if path is not None and (path / "config.json").exists():
         try:
-            return DraftHeads.from_pretrained(path, base), str(path)
+            return DraftHeads.from_pretrained(path, base, draft_vocab=args.draft_vocab), str(path)
         except Exception as e:  # noqa: BLE001 - e.g. heads for another base model: say so, use untrained
             notes[f"heads_{kind}"] = f"{path}: {C.err_str(e)}; using untrained heads"
     elif path is not None:
@@ -173,8 +173,9 @@ def our_method(name: str, kind, heads, label: str, base, args, tree, max_cache_l
         return Run(out.sequences[0, ids.shape[1]:].tolist(), dt, out.accept_lengths[0], out.step_times)
 
     tree_nodes = model.default_tree.num_nodes if heads is not None else 1
+    draft_vocab = heads.draft_vocab.size if heads is not None and heads.draft_vocab is not None else 0
     return Method(name, "ours", label, call, kind=kind, compile=compile,
-                  info={"model": model, "public": {"tree_nodes": tree_nodes}})
+                  info={"model": model, "public": {"tree_nodes": tree_nodes, "draft_vocab": draft_vocab}})
 
 
 def step_kernels(m: Method, device) -> dict:

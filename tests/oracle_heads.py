@@ -33,6 +33,9 @@ class OracleHeads(torch.nn.Module):
         self.register_buffer("wrong_after", torch.tensor(k, dtype=torch.long), persistent=False)  # [B]
         self.lens = None  # the engine's cache lengths int32 [B], set by bind()
 
+    def prepare_draft(self, lm_head) -> None:
+        self.real.prepare_draft(lm_head)
+
     def draft(self, hidden, root, bufs, embed_weight, lm_head, impl) -> torch.Tensor:
         cand = self.real.draft(hidden, root, bufs, embed_weight, lm_head, impl)  # [B, N]
         B, N = cand.shape

@@ -9,6 +9,9 @@ import torch
 
 from hydra_fast import hub
 
+DRAFT_VOCAB_HELP = ("draft from the heads' N most frequent tokens (their draft_vocab.safetensors, from "
+                    "`hydra-fast-train vocab`); 0: full vocabulary (default: the heads config's draft_vocab_size)")
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hydra-fast", description=__doc__)
@@ -40,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--compile", action="store_true",
                        help="torch.compile the step before capturing it (fewer kernels; compiles on first use)")
         s.add_argument("--reference-ops", action="store_true", help="use the pure-PyTorch ops, not the kernels")
+        s.add_argument("--draft-vocab", type=int, default=None, metavar="N", help=DRAFT_VOCAB_HELP)
     c = sub.add_parser("calibrate", help="choose the draft tree for these heads on this machine (writes a tree file)")
     c.add_argument("--model", default=None, help="local HF model folder (default: the default model)")
     c.add_argument("--heads", default=None, help="draft-heads folder (default: the shipped Hydra++ heads)")
@@ -54,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--max-cache-len", type=int, default=1024)
     c.add_argument("--no-cuda-graph", action="store_true")
     c.add_argument("--reference-ops", action="store_true")
+    c.add_argument("--draft-vocab", type=int, default=None, metavar="N", help=DRAFT_VOCAB_HELP)
     c.set_defaults(tree="auto", compile=False)  # candidates are timed as generate() runs them (no compile)
     return p
 
@@ -103,7 +108,7 @@ def _load(args):
         heads = default_heads_path_or_none("hydra++")
     model = HydraModel.from_pretrained(base, heads, tree=args.tree, max_cache_len=args.max_cache_len,
                                        use_kernels=not args.reference_ops, cuda_graph=not args.no_cuda_graph,
-                                       compile=args.compile)
+                                       compile=args.compile, draft_vocab=args.draft_vocab)
     return tok, model
 
 

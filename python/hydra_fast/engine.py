@@ -71,6 +71,8 @@ class SpeculativeEngine:
         self.backbone = getattr(base, base.base_model_prefix)
         self.lm_head = base.get_output_embeddings()
         self.embed_weight = base.get_input_embeddings().weight
+        if heads is not None:
+            heads.prepare_draft(self.lm_head)  # a reduced draft vocabulary's compact LM heads, before any capture
         self.bufs = tree.buffers(device)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
@@ -147,6 +149,8 @@ class SpeculativeEngine:
         Returns the first generated token of each sequence [B] (also stored as the next root)."""
         B, T = input_ids.shape
         self.cache.reset()
+        if self.heads is not None:
+            self.heads.prepare_draft(self.lm_head)  # in place when the LM head changed: captured steps see it
         pos = torch.arange(T, device=self.device).view(1, T).expand(B, T)
         hidden = self._forward(input_ids, pos, self._causal(T))  # [B, T, d]
         last = (lengths.to(self.device) - 1).to(torch.long)  # [B]

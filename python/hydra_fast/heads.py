@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hydra_fast import reference
+from hydra_fast.draft_vocab import DRAFT_VOCAB_NAME, DraftVocab, DraftVocabFile
 from hydra_fast.heads_config import (KINDS, BaseFingerprint, HeadKind, HeadsCheckpointError, HeadsConfig,
                                      HeadsMismatchError, _dtype_name, check_compatible, fingerprint)
 from hydra_fast.tree import TreeBuffers
@@ -79,6 +80,8 @@ class DraftHeads(nn.Module):
                       config.own_lm_head)
             for i in range(config.num_heads))
         self.prefix_layer = None
+        self.draft_vocab: DraftVocab | None = None  # None: the draft reads the full LM heads
+        self.draft_vocab_file: DraftVocabFile | None = None  # the heads folder's token order, when loaded
         if kind.prefix_layer:
             if base_config is None:
                 base_config = _config_from_dict(config.base_config)
@@ -134,18 +137,63 @@ class DraftHeads(nn.Module):
             if head.path_len == 0:
                 # one guess list per sequence, shared by all parents of the level
                 x = head(hidden, root.new_zeros(B, 0), embed_weight, impl)  # [B, d]
-                ids = torch.topk(self.logits(i, x, base_lm_head), level.topk, dim=-1).indices  # [B, topk]
+                ids = self._draft_topk(i, x, base_lm_head, level.topk)  # [B, topk]
                 child = ids[:, level.child_rank]  # [B, Cd]
             else:
                 Pd = level.parent_nodes.shape[0]
                 path = candidates[:, level.parent_paths].reshape(B * Pd, level.depth)  # [B*Pd, d] root..parent
                 h = hidden.unsqueeze(1).expand(B, Pd, dm).reshape(B * Pd, dm)  # [B*Pd, dm]
                 x = head(h, path, embed_weight, impl)  # [B*Pd, dm]
-                ids = torch.topk(self.logits(i, x, base_lm_head), level.topk, dim=-1).indices
+                ids = self._draft_topk(i, x, base_lm_head, level.topk)
                 ids = ids.view(B, Pd, level.topk)  # [B, Pd, topk]
                 child = ids[:, level.child_slot, level.child_rank]  # [B, Cd]
             candidates[:, level.child_nodes] = child
         return candidates
+
+    def _draft_topk(self, i: int, x: torch.Tensor, base_lm_head, k: int) -> torch.Tensor:
+        """Token ids [R, k] of head i's k most likely drafts from its state x [R, d]."""
+        if self.draft_vocab is None:
+            return torch.topk(self.logits(i, x, base_lm_head), k, dim=-1).indices
+        if k > self.draft_vocab.size:
+            raise ValueError(f"the tree drafts the top {k} tokens at depth {i + 1} but the draft vocabulary has "
+                             f"{self.draft_vocab.size}: use a larger draft vocabulary or a narrower tree")
+        own = self.heads[i].lm_head
+        return self.draft_vocab.topk(-1 if own is None else i, x, base_lm_head if own is None else own, k)
+
+    def set_draft_vocab(self, ids: torch.Tensor | None) -> None:
+        """Draft from these token ids only (int [V']), or from the full vocabulary (None). Verification is
+        untouched, so greedy output stays the base model's; engines built before must be rebuilt."""
+        if ids is None:
+            self.draft_vocab = None
+            return
+        if ids.dim() != 1 or ids.numel() < 1 or int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size \
+                or ids.unique().numel() != ids.numel():
+            raise ValueError(f"draft vocabulary ids must be distinct token ids in 0..{self.config.vocab_size - 1}, "
+                             f"got shape {tuple(ids.shape)}")
+        device = next(self.parameters()).device
+        self.draft_vocab = DraftVocab(ids.to(device))
+
+    def use_draft_vocab(self, size: int) -> None:
+        """Draft from the first ``size`` ids of the loaded ``draft_vocab_file`` (0 or >= V: full vocabulary);
+        the config records the size, so save_pretrained keeps it."""
+        V = self.config.vocab_size
+        if size < 0:
+            raise ValueError(f"draft vocabulary size must be >= 0 (0: full vocabulary), got {size}")
+        if 0 < size < V and self.draft_vocab_file is None:
+            raise ValueError(f"a draft vocabulary of {size} tokens needs the heads folder's draft_vocab.safetensors; "
+                             "build it with `hydra-fast-train vocab`")
+        size = 0 if size >= V else size
+        self.set_draft_vocab(self.draft_vocab_file.ids[:size] if size else None)
+        self.config = dataclasses.replace(self.config, draft_vocab_size=size)
+
+    def prepare_draft(self, base_lm_head) -> None:
+        """Gather the compact LM heads of a reduced draft vocabulary now (again when a weight changed), outside
+        a compiled or captured step: compiled drafts use what was gathered here."""
+        if self.draft_vocab is None:
+            return
+        for i, head in enumerate(self.heads):
+            own = head.lm_head is not None
+            self.draft_vocab.prepare(i if own else -1, head.lm_head if own else base_lm_head)
 
     def forward_train(self, hidden, input_ids, base_lm_head, embed_weight, impl=None, position_embeddings=None,
                       attention_mask=None) -> list[torch.Tensor]:
@@ -220,13 +268,16 @@ class DraftHeads(nn.Module):
         dtype = _dtype_name(next(iter(state.values())).dtype) if state else self.config.dtype
         with open(os.path.join(directory, CONFIG_NAME), "w") as f:
             json.dump(dataclasses.replace(self.config, dtype=dtype).to_dict(), f, indent=2)
+        if self.draft_vocab_file is not None:
+            self.draft_vocab_file.save(directory)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, base_model: nn.Module, device=None,
-                        dtype=None) -> DraftHeads:
+                        dtype=None, draft_vocab: int | None = None) -> DraftHeads:
         """Load heads saved by save_pretrained for base_model (checked by fingerprint: HeadsMismatchError).
 
-        device and dtype default to the base LM head's."""
+        device and dtype default to the base LM head's. ``draft_vocab``: draft from that many of the folder's
+        draft_vocab.safetensors ids (0: full vocabulary; None: the config's draft_vocab_size)."""
         directory = os.fspath(directory)
         config_path = os.path.join(directory, CONFIG_NAME)
         try:
@@ -242,6 +293,10 @@ class DraftHeads(nn.Module):
         weight = base_model.get_output_embeddings().weight
         heads.to(device=device or weight.device, dtype=dtype or weight.dtype)
         heads.load_state_dict(_read_weights(directory, heads.state_dict()))
+        size = config.draft_vocab_size if draft_vocab is None else draft_vocab
+        if os.path.exists(os.path.join(directory, DRAFT_VOCAB_NAME)) or 0 < size < config.vocab_size:
+            heads.draft_vocab_file = DraftVocabFile.load(directory, config.vocab_size)
+        heads.use_draft_vocab(size)
         return heads
 
 

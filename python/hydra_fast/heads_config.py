@@ -80,6 +80,7 @@ class HeadsConfig:
     own_lm_head: bool = False  # False: share the base's frozen LM head
     base_config: dict = field(default_factory=dict, hash=False)  # base config.to_dict(): builds the prefix layer
     dtype: str = "float32"
+    draft_vocab_size: int = 0  # the draft reads the first N ids of draft_vocab.safetensors (0: the full vocabulary)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -88,6 +89,9 @@ class HeadsConfig:
             object.__setattr__(self, "num_layers", KINDS[self.kind].default_layers)
         if self.num_heads < 1 or self.num_layers < 1:
             raise ValueError(f"need num_heads >= 1 and num_layers >= 1, got {self.num_heads}, {self.num_layers}")
+        if not 0 <= self.draft_vocab_size <= self.vocab_size:
+            raise ValueError(f"draft_vocab_size must be in 0..{self.vocab_size} (0: full vocabulary), got "
+                             f"{self.draft_vocab_size}")
 
     def to_dict(self) -> dict:
         return {"format": FORMAT, **dataclasses.asdict(self)}

@@ -94,8 +94,11 @@ class HydraModel:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_pretrained(cls, base, heads=None, tree="auto", max_cache_len=None, use_kernels=True,
-                        cuda_graph=True, compile=False, **hf_kwargs):
+                        cuda_graph=True, compile=False, draft_vocab: int | None = None, **hf_kwargs):
         """``base``: a loaded HF causal LM or a local path; ``heads``: a local heads directory or None.
+
+        ``draft_vocab``: draft from the heads folder's N most frequent tokens (0: full vocabulary; None: the
+        heads config's ``draft_vocab_size``); see ``set_draft_vocab``.
 
         ``tree``: a preset name, a list of rank lists, a tree file (``hydra-fast calibrate``), or "auto": the
         heads directory's ``tree_<device type>.json`` (e.g. tree_cpu.json) when it has one, else mc_sim_7b_63."""
@@ -111,7 +114,12 @@ class HydraModel:
 
             weight = base.get_output_embeddings().weight
             tree = resolve_tree(tree, Path(heads), weight.device)
-            heads = DraftHeads.from_pretrained(str(heads), base, device=weight.device, dtype=weight.dtype)
+            heads = DraftHeads.from_pretrained(str(heads), base, device=weight.device, dtype=weight.dtype,
+                                               draft_vocab=draft_vocab)
+        elif draft_vocab and heads is None:
+            raise ValueError(f"draft_vocab={draft_vocab} needs draft heads: pass heads=DIR")
+        elif draft_vocab is not None and heads is not None:
+            heads.use_draft_vocab(draft_vocab)
         return cls(base, heads, tree=tree, max_cache_len=max_cache_len, use_kernels=use_kernels,
                    cuda_graph=cuda_graph, compile=compile)
 
@@ -125,6 +133,14 @@ class HydraModel:
                 raise ValueError(
                     f"heads parameter {name} is {p.dtype} on {p.device} but the base model is {weight.dtype} on "
                     f"{weight.device}: call heads.to(device={str(weight.device)!r}, dtype={weight.dtype})")
+
+    def set_draft_vocab(self, size: int) -> None:
+        """Draft from the heads' ``size`` most frequent tokens (draft_vocab.safetensors; 0: full vocabulary).
+        Greedy output is unchanged; only tau and the draft time move. The next generate builds a new engine."""
+        if self.heads is None:
+            raise ValueError("set_draft_vocab needs draft heads; this model decodes without heads")
+        self.heads.use_draft_vocab(size)
+        self._engine = self._runner = self._engine_key = None
 
     @property
     def device(self) -> torch.device:

@@ -1,6 +1,6 @@
 """Training draft heads: self-distilled data (``build``), objectives (``losses``), the loop (``trainer``).
 
-Command line: ``hydra-fast-train data|fit|default-heads`` (``python -m hydra_fast.train``).
+Command line: ``hydra-fast-train data|fit|default-heads|vocab`` (``python -m hydra_fast.train``).
 """
 from hydra_fast.train.selfdistill import BuildConfig, build
 from hydra_fast.train.checkpoint import CheckpointError, CheckpointMismatchError

@@ -5,6 +5,7 @@
     hydra-fast-train fit  --model DIR --data data/ --out heads/ --kinds medusa,hydra,hydra++ --steps 2000
     torchrun --nproc_per_node 2 -m hydra_fast.train fit ...        # data parallel (gloo on CPU, NCCL on CUDA)
     hydra-fast-train default-heads --model DIR --out heads/ --prompts 4000 --time-budget 480
+    hydra-fast-train vocab --data data/ --heads heads/hydra_pp [--size 8192]   # reduced draft vocabulary
 """
 from __future__ import annotations
 
@@ -112,9 +113,11 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--data", required=True, help="data directory from `hydra-fast-train data`")
     f.add_argument("--out", required=True, help="output directory: <kind>/ heads, checkpoint/, metrics.csv")
     add_fit_args(f)
+    from hydra_fast.train import vocab
     from hydra_fast.train.default_heads import add_args
 
     add_args(sub.add_parser("default-heads", help="data + medusa, hydra, hydra++ on one time budget"))
+    vocab.add_args(sub.add_parser("vocab", help="the heads' reduced draft vocabulary from their data's answers"))
     return p
 
 
@@ -289,6 +292,10 @@ def main(argv=None) -> int:
         elif args.command == "fit":
             summary = run_fit(args)
             return 1 if summary.get("failed") else 0
+        elif args.command == "vocab":
+            from hydra_fast.train import vocab
+
+            vocab.print_summary(vocab.run(args))
         else:
             from hydra_fast.train.default_heads import run
 
