@@ -2,8 +2,8 @@
 
 The kernels follow the reference's rounding order, so they match it bit for bit except where the order of an fp32
 sum differs (the mean square of the norms; PyTorch's own order depends on the CPU's vector width) or exp does
-(silu): then the mean square is an ulp off, which after the rounding chain moves an fp32 output by at most 2 ulp
-and flips a 16-bit rounding on a small share of elements. RoPE without norms and every copy are exact. Per op: a
+(silu): then the mean square is an ulp off, which after the rounding chain moves an fp32 output by a few ulp and
+flips a 16-bit rounding on a small share of elements (ULP_BUDGET). RoPE without norms and every copy are exact. Per op: a
 hand-built case with exact values, then seeded random inputs over dtypes, odd sizes, strided layouts, GQA ratios,
 Qwen3 q/k norms, cache slots near and past the end; then opcheck, torch.compile(fullgraph=True), CUDA-graph capture
 (cuda only) and bad inputs.
@@ -26,9 +26,10 @@ pytestmark = needs_extension
 
 MANTISSA_BITS = {torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}
 # dtype -> (most ulp any element may be off the reference, largest share of elements off at all). An ulp off
-# the fp32 mean square (or exp) becomes up to 4 fp32 ulp after two roundings and a product, or one flipped
-# 16-bit rounding that the weight product can make 2 ulp.
-ULP_BUDGET = {torch.float32: (4.0, 1.0), torch.float16: (2.0, 0.02), torch.bfloat16: (2.0, 0.02)}
+# the fp32 mean square (or exp) becomes a few fp32 ulp after two roundings and a product (4 seen on the CPU; on
+# CUDA PyTorch's own rsqrtf and expf are 2-ulp approximations, hence 8), or one flipped 16-bit rounding that the
+# weight product can make 2 ulp.
+ULP_BUDGET = {torch.float32: (8.0, 1.0), torch.float16: (2.0, 0.02), torch.bfloat16: (2.0, 0.02)}
 
 
 def ulp(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -81,7 +82,7 @@ def test_rms_norm_hand_built(device):
     weight = torch.tensor([2.0, 0.5], device=device)
     out = ops.rms_norm(x, weight, 0.0)  # mean squares 12.5 and 1
     want = torch.tensor([[2 * 3 / math.sqrt(12.5), 0.5 * 4 / math.sqrt(12.5)], [2.0, 0.5]], device=device)
-    torch.testing.assert_close(out, want, atol=0, rtol=2e-7)
+    torch.testing.assert_close(out, want, atol=0, rtol=4e-7)  # 3 roundings
 
 
 def case_id(case) -> str:
@@ -129,7 +130,7 @@ def test_silu_mul_hand_built(device):
     require_kernel("silu_mul", device)
     x = torch.tensor([[0.0, 2.0, -30.0, 5.0, 7.0, 3.0]], device=device)  # gate [0, 2, -30], up [5, 7, 3]
     want = torch.tensor([[0.0, 7 * 2 / (1 + math.exp(-2)), 3 * -30 / (1 + math.exp(30))]], device=device)
-    torch.testing.assert_close(ops.silu_mul(x), want, atol=0, rtol=2e-7)
+    torch.testing.assert_close(ops.silu_mul(x), want, atol=0, rtol=4e-7)  # 3 roundings
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -207,7 +208,7 @@ def test_rope_kv_write(device, dtype, case, strided):
     assert q.shape == q_want.shape and q.is_contiguous()
     if args[9] is None:  # no norm, no sum: the same roundings in the same order, exact
         assert torch.equal(q, q_want) and torch.equal(k_cache.nan_to_num(), k_want.nan_to_num())
-    # normalised heads times N(0, 1) weights: the rotation's terms are up to a few units, counted as 2
+    # normalised heads times N(0, 1) weights: the rotation's terms are a few units in size, counted as 2
     assert_matches_reference(q, q_want, scale=2.0)
     assert_matches_reference(k_cache, k_want, scale=2.0)  # NaN exactly at the unwritten slots (other layers, past S)
     assert torch.equal(v_cache.isnan(), v_want.isnan())
