@@ -56,16 +56,17 @@ def assert_matches_reference(out: torch.Tensor, ref: torch.Tensor, scale: float 
 
 
 def layout(t: torch.Tensor, kind: str) -> torch.Tensor:
-    """t itself, every other row of a buffer twice as tall, or a slice of a wider buffer (same values; the last
-    two really are non-contiguous)."""
+    """t itself, every other row of a buffer twice as tall (rows stay 16-byte aligned), or a slice one element
+    into a wider buffer (misaligned: the CUDA kernels take their one-element path). Same values; the last two
+    really are non-contiguous."""
     if kind == "contiguous":
         return t
     if kind == "rows":
         return noncontiguous(t, dim=t.dim() - 2)  # every other row: equally spaced, so one row stride
-    wide = torch.full((*t.shape[:-1], t.shape[-1] + 8), float("nan"), dtype=t.dtype, device=t.device)
-    wide[..., 8:] = t
-    assert not wide[..., 8:].is_contiguous()
-    return wide[..., 8:]
+    wide = torch.full((*t.shape[:-1], t.shape[-1] + 1), float("nan"), dtype=t.dtype, device=t.device)
+    wide[..., 1:] = t
+    assert not wide[..., 1:].is_contiguous()
+    return wide[..., 1:]
 
 
 # ---------------------------------------------------------------------------------------------------------------
