@@ -361,3 +361,9 @@ BUILDERS = {
     "draft_head_mlp": draft_head_cases,
     "kv_compact": kv_compact_cases,
 }
+
+# The fused decoder-layer ops (rms_norm, add_rms_norm, silu_mul, rope_kv_write): cases in layer_op_cases.py.
+from layer_op_cases import LAYER_BUILDERS  # noqa: E402
+
+OPS = OPS + tuple(LAYER_BUILDERS)
+BUILDERS.update(LAYER_BUILDERS)

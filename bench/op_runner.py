@@ -15,7 +15,7 @@ import common as C
 
 # Reference-compile budget shares per op (flex is not budgeted: it is the attention baseline that matters).
 COMPILE_SHARE = {"tree_attention": 0.3, "accept_greedy": 0.1, "accept_typical": 0.1, "draft_head_mlp": 0.4,
-                 "kv_compact": 0.1}
+                 "kv_compact": 0.1, "rms_norm": 0.15, "add_rms_norm": 0.15, "silu_mul": 0.15, "rope_kv_write": 0.2}
 
 
 class Skip(Exception):

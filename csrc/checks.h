@@ -225,4 +225,141 @@ inline void check_kv_compact(const at::Tensor& k_cache, const at::Tensor& v_cach
   c::last_dim_contiguous(op, "v_cache", v_cache);
 }
 
+// ---- the fused decoder-layer ops (rms_norm, add_rms_norm, silu_mul, rope_kv_write) ---------------------------
+
+// A tensor [..., d] read as `rows` rows of its last dim, row r starting `row_stride` elements after row r - 1.
+struct RowLayout {
+  int64_t rows, row_stride;
+};
+
+// The leading dims of t must collapse into one row dim (t.view(-1, d) would work without a copy): slices of
+// wider buffers and contiguous tensors do; a transposed leading layout is refused with what to do instead.
+inline RowLayout row_layout(const char* op, const std::string& name, const at::Tensor& t) {
+  const int64_t n = t.dim();
+  if (t.numel() == 0) return {0, t.size(-1)};  // nothing to read or write
+  int64_t rows = 1, row_stride = t.size(-1), inner = 0;  // inner: rows spanned by the dims seen so far
+  for (int64_t i = n - 2; i >= 0; --i) {
+    if (t.size(i) == 1) continue;
+    if (inner == 0) {
+      row_stride = t.stride(i);
+      inner = t.size(i);
+    } else {
+      TORCH_CHECK(t.stride(i) == row_stride * inner, "hydra_fast.", op, ": the leading dims of ", name,
+                  " (sizes ", t.sizes(), ", strides ", t.strides(), ") must form one run of equally spaced rows ",
+                  "(as ", name, ".view(-1, ", t.size(-1), ") requires); pass ", name, ".contiguous()");
+      inner *= t.size(i);
+    }
+    rows *= t.size(i);
+  }
+  return {rows, row_stride};
+}
+
+// x [..., d], weight [d]: same device and dtype, d >= 1, last dims contiguous, eps >= 0.
+inline RowLayout check_rms_norm(const char* op, const at::Tensor& x, const at::Tensor& weight, double eps) {
+  namespace c = checks_detail;
+  c::same_device(op, "weight", weight, "x", x);
+  TORCH_CHECK(x.dim() >= 1, "hydra_fast.", op, ": x must have at least 1 dim [..., d], got a 0-dim tensor");
+  c::dims(op, "weight", weight, 1, "[d]");
+  c::float_dtype(op, "x", x);
+  c::same_dtype(op, "weight", weight, "x", x);
+  TORCH_CHECK(x.size(-1) >= 1, "hydra_fast.", op, ": x's last dim d must be >= 1, got 0");
+  c::size(op, "weight", weight, 0, x.size(-1), "d from x's last dim");
+  TORCH_CHECK(eps >= 0, "hydra_fast.", op, ": eps must be >= 0, got ", eps);
+  c::last_dim_contiguous(op, "x", x);
+  c::last_dim_contiguous(op, "weight", weight);
+  return row_layout(op, "x", x);
+}
+
+// x, residual [..., d] (same shape, device and dtype; leading strides may differ), weight [d].
+struct AddRmsNormLayout {
+  RowLayout x, residual;
+};
+inline AddRmsNormLayout check_add_rms_norm(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
+                                    double eps) {
+  namespace c = checks_detail;
+  const char* op = "add_rms_norm";
+  const RowLayout xl = check_rms_norm(op, x, weight, eps);
+  c::same_device(op, "residual", residual, "x", x);
+  c::same_dtype(op, "residual", residual, "x", x);
+  TORCH_CHECK(residual.sizes() == x.sizes(), "hydra_fast.", op, ": residual must have x's shape ", x.sizes(),
+              ", got ", residual.sizes());
+  c::last_dim_contiguous(op, "residual", residual);
+  return {xl, row_layout(op, "residual", residual)};
+}
+
+// x [..., 2I]: gate | up. Last dim even and contiguous.
+inline RowLayout check_silu_mul(const at::Tensor& x) {
+  namespace c = checks_detail;
+  const char* op = "silu_mul";
+  TORCH_CHECK(x.dim() >= 1, "hydra_fast.", op, ": x must have at least 1 dim [..., 2I], got a 0-dim tensor");
+  c::float_dtype(op, "x", x);
+  TORCH_CHECK(x.size(-1) % 2 == 0, "hydra_fast.", op, ": x's last dim must be even (gate | up, 2I), got ",
+              x.size(-1));
+  c::last_dim_contiguous(op, "x", x);
+  return row_layout(op, "x", x);
+}
+
+// qkv [B, N, (Hq + 2 Hkv) D], cos/sin [B, N, D], k_cache/v_cache [L, B, Hkv, S, D], cache_lens int32 [B],
+// q_norm/k_norm [D] or absent; all floating tensors of one dtype, D even, 0 <= layer < L.
+inline void check_rope_kv_write(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                                const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t layer,
+                                const at::Tensor& cache_lens, int64_t num_q_heads, int64_t num_kv_heads,
+                                const std::optional<at::Tensor>& q_norm, const std::optional<at::Tensor>& k_norm,
+                                double eps) {
+  namespace c = checks_detail;
+  const char* op = "rope_kv_write";
+  c::same_device(op, "cos", cos, "qkv", qkv);
+  c::same_device(op, "sin", sin, "qkv", qkv);
+  c::same_device(op, "k_cache", k_cache, "qkv", qkv);
+  c::same_device(op, "v_cache", v_cache, "qkv", qkv);
+  c::same_device(op, "cache_lens", cache_lens, "qkv", qkv);
+  c::dims(op, "qkv", qkv, 3, "[B, N, (Hq + 2 Hkv) * D]");
+  c::dims(op, "cos", cos, 3, "[B, N, D]");
+  c::dims(op, "sin", sin, 3, "[B, N, D]");
+  c::dims(op, "k_cache", k_cache, 5, "[L, B, Hkv, S, D]");
+  c::dims(op, "v_cache", v_cache, 5, "[L, B, Hkv, S, D]");
+  c::dims(op, "cache_lens", cache_lens, 1, "[B]");
+  c::float_dtype(op, "qkv", qkv);
+  c::same_dtype(op, "cos", cos, "qkv", qkv);
+  c::same_dtype(op, "sin", sin, "qkv", qkv);
+  c::same_dtype(op, "k_cache", k_cache, "qkv", qkv);
+  c::same_dtype(op, "v_cache", v_cache, "qkv", qkv);
+  c::dtype(op, "cache_lens", cache_lens, at::kInt);
+  TORCH_CHECK(num_q_heads >= 1 && num_kv_heads >= 1, "hydra_fast.", op,
+              ": num_q_heads and num_kv_heads must be >= 1, got ", num_q_heads, " and ", num_kv_heads);
+  const int64_t B = qkv.size(0), D = cos.size(2);
+  TORCH_CHECK(D >= 2 && D % 2 == 0, "hydra_fast.", op, ": head dim D (cos.size(2)) must be even and >= 2 ",
+              "(rotate_half pairs element i with i + D/2), got ", D);
+  c::size(op, "qkv", qkv, 2, (num_q_heads + 2 * num_kv_heads) * D, "(num_q_heads + 2 num_kv_heads) * D");
+  for (int64_t d = 0; d < 2; ++d) {
+    c::size(op, "cos", cos, d, qkv.size(d), d == 0 ? "B from qkv" : "N from qkv");
+    c::size(op, "sin", sin, d, qkv.size(d), d == 0 ? "B from qkv" : "N from qkv");
+  }
+  c::size(op, "sin", sin, 2, D, "D from cos");
+  c::size(op, "k_cache", k_cache, 1, B, "B from qkv");
+  c::size(op, "k_cache", k_cache, 2, num_kv_heads, "num_kv_heads");
+  c::size(op, "k_cache", k_cache, 4, D, "D from cos");
+  for (int64_t d = 0; d < 5; ++d) c::size(op, "v_cache", v_cache, d, k_cache.size(d), "the size of k_cache");
+  TORCH_CHECK(k_cache.size(3) >= 1, "hydra_fast.", op, ": cache capacity S must be >= 1, got 0");
+  TORCH_CHECK(layer >= 0 && layer < k_cache.size(0), "hydra_fast.", op, ": layer must be in [0, L = ",
+              k_cache.size(0), "), got ", layer);
+  c::size(op, "cache_lens", cache_lens, 0, B, "B from qkv");
+  auto check_norm = [&](const char* name, const std::optional<at::Tensor>& norm) {
+    if (!norm.has_value()) return;
+    c::same_device(op, name, *norm, "qkv", qkv);
+    c::dims(op, name, *norm, 1, "[D]");
+    c::same_dtype(op, name, *norm, "qkv", qkv);
+    c::size(op, name, *norm, 0, D, "D from cos");
+    c::last_dim_contiguous(op, name, *norm);
+  };
+  check_norm("q_norm", q_norm);
+  check_norm("k_norm", k_norm);
+  TORCH_CHECK(eps >= 0, "hydra_fast.", op, ": eps must be >= 0, got ", eps);
+  c::last_dim_contiguous(op, "qkv", qkv);
+  c::last_dim_contiguous(op, "cos", cos);
+  c::last_dim_contiguous(op, "sin", sin);
+  c::last_dim_contiguous(op, "k_cache", k_cache);
+  c::last_dim_contiguous(op, "v_cache", v_cache);
+}
+
 }  // namespace hydra_fast

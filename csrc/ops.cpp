@@ -20,4 +20,15 @@ TORCH_LIBRARY(hydra_fast, m) {
         "float posterior_threshold, float posterior_alpha) -> (Tensor, Tensor, Tensor)");
   // k_cache/v_cache [L, B, Hkv, S, D] (all layers), cache_lens int32 [B], accepted_nodes int64 [B, Lp]
   m.def("kv_compact(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_lens, Tensor accepted_nodes) -> ()");
+  // The fused decoder-layer ops (python/hydra_fast/fastpath.py), in HF's rounding order (see reference.py).
+  // x [..., d], weight [d] -> [..., d]
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  // x, residual [..., d], weight [d] -> (rms_norm(x + residual) [..., d], x + residual [..., d])
+  m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
+  // x [..., 2I] (gate | up) -> silu(gate) * up [..., I]
+  m.def("silu_mul(Tensor x) -> Tensor");
+  // qkv [B, N, (Hq + 2 Hkv) D], cos/sin [B, N, D], k_cache/v_cache [L, B, Hkv, S, D], cache_lens int32 [B],
+  // q_norm/k_norm [D] -> q [B, N, Hq, D]; K and V of token n go to cache[layer, b, :, cache_lens[b] + n] (< S).
+  m.def("rope_kv_write(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int layer, "
+        "Tensor cache_lens, int num_q_heads, int num_kv_heads, Tensor? q_norm, Tensor? k_norm, float eps) -> Tensor");
 }

@@ -135,3 +135,42 @@ def random_tree(num_nodes: int, gen: torch.Generator, max_depth: int = 6) -> Ran
             mask[i, n] = True
             n = parents[n]
     return RandomTree(parents, paths, mask)
+
+
+def _clone_args(args):
+    return [a.clone() if isinstance(a, torch.Tensor) else [x.clone() for x in a] if isinstance(a, list) else a
+            for a in args]
+
+
+def replay_cuda_graph(fn, static: list, fresh: list):
+    """Capture fn(*static) in a CUDA graph (after two warm-up calls on a side stream), refill the captured input
+    buffers with `fresh`'s values, replay. Returns (graph output, eager output, static args after the replay,
+    eager args): for an op that mutates its inputs, the last two must match as well."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn(*_clone_args(static))
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = fn(*static)
+    for dst, src in zip(static, fresh):
+        if isinstance(dst, torch.Tensor):
+            dst.copy_(src)
+        elif isinstance(dst, list):
+            for d, s in zip(dst, src):
+                d.copy_(s)
+    want_args = _clone_args(static)
+    want = fn(*want_args)
+    graph.replay()
+    torch.cuda.synchronize()
+    return static_out, want, static, want_args
+
+
+def assert_names_cpu_argument(fn, args, index: int, name: str) -> None:
+    """fn(*args) with argument `index` moved to the CPU (the rest on CUDA) is a RuntimeError that names it."""
+    args = list(args)
+    args[index] = args[index].cpu()
+    with pytest.raises(RuntimeError, match=name):
+        fn(*args)

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from conftest import (
-    DTYPES, TOL, assert_close_by_dtype, assert_within_lowp_error, cuda_ready, generator, needs_extension,
-    noncontiguous, randn, random_tree, require_kernel,
+    DTYPES, TOL, assert_close_by_dtype, assert_names_cpu_argument, assert_within_lowp_error, cuda_ready, generator,
+    needs_extension, noncontiguous, randn, random_tree, replay_cuda_graph, require_kernel,
 )
 from hydra_fast import ops, reference
 
@@ -529,28 +529,8 @@ def test_cuda_graph(op):
     # Capture with one set of inputs, refill the same buffers with new values, replay, compare with eager.
     device = torch.device("cuda")
     require_kernel(op, device)
-    fn = getattr(ops, op)
-    static = small_inputs(op, device, seed=1)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn(*_clone(static))
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = fn(*static)
-    fresh = small_inputs(op, device, seed=2)
-    for dst, src in zip(static, fresh):
-        if isinstance(dst, torch.Tensor):
-            dst.copy_(src)
-        elif isinstance(dst, list):
-            for d, s in zip(dst, src):
-                d.copy_(s)
-    want_args = _clone(static)
-    want = fn(*want_args)
-    graph.replay()
-    torch.cuda.synchronize()
+    static_out, want, static, want_args = replay_cuda_graph(getattr(ops, op), small_inputs(op, device, seed=1),
+                                                            small_inputs(op, device, seed=2))
     _assert_same(static_out, want)
     if op == "kv_compact":
         assert torch.equal(static[0], want_args[0]) and torch.equal(static[1], want_args[1])
@@ -681,7 +661,4 @@ MISMATCH = [
 @pytest.mark.parametrize("op,index,name", MISMATCH)
 def test_device_mismatch(op, index, name):
     require_kernel(op, "cuda")
-    args = list(small_inputs(op, "cuda"))
-    args[index] = args[index].cpu()
-    with pytest.raises(RuntimeError, match=name):
-        getattr(ops, op)(*args)
+    assert_names_cpu_argument(getattr(ops, op), small_inputs(op, "cuda"), index, name)

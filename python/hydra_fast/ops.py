@@ -114,6 +114,42 @@ def kv_compact(k_cache, v_cache, cache_lens, accepted_nodes) -> None:
     _require().kv_compact(k_cache, v_cache, cache_lens, accepted_nodes)
 
 
+def rms_norm(x, weight, eps: float) -> torch.Tensor:
+    """RMSNorm in HF's rounding order: weight * (x * rsqrt(mean(x^2) + eps)) with the mean square in fp32.
+
+    x [..., d] (last dim contiguous; leading dims any run of equally spaced rows), weight [d] in x's dtype.
+    Returns a contiguous [..., d] in x's dtype.
+    """
+    return _require().rms_norm(x, weight, eps)
+
+
+def add_rms_norm(x, residual, weight, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual add and the next RMSNorm in one pass.
+
+    x, residual [..., d] (same shape and dtype), weight [d]. Returns (rms_norm(h) [..., d], h [..., d]) with
+    h = x + residual rounded to the dtype (the new residual stream), both contiguous.
+    """
+    return _require().add_rms_norm(x, residual, weight, eps)
+
+
+def silu_mul(x) -> torch.Tensor:
+    """SiLU-and-multiply of the fused gate|up projection: x [..., 2I] -> silu(x[..., :I]) * x[..., I:] [..., I]."""
+    return _require().silu_mul(x)
+
+
+def rope_kv_write(qkv, cos, sin, k_cache, v_cache, layer: int, cache_lens, num_q_heads: int, num_kv_heads: int,
+                  q_norm, k_norm, eps: float) -> torch.Tensor:
+    """Split the fused q|k|v projection, rotate q and k, and write k and v into one layer of the KV cache.
+
+    qkv [B, N, (Hq + 2 Hkv) D], cos / sin [B, N, D] (the rotary embedding at each token's position, in qkv's
+    dtype), k_cache / v_cache [L, B, Hkv, S, D] (modified in place at layer `layer`), cache_lens int32 [B]
+    (token n of sequence b goes to slot cache_lens[b] + n; slots >= S are not written), q_norm / k_norm [D] or
+    None (Qwen3's per-head RMSNorm before RoPE, with eps). Returns q [B, N, Hq, D] after norm and RoPE.
+    """
+    return _require().rope_kv_write(qkv, cos, sin, k_cache, v_cache, layer, cache_lens, num_q_heads, num_kv_heads,
+                                    q_norm, k_norm, eps)
+
+
 class _Kernels:
     """The compiled ops under the reference module's names (see ``implementation``)."""
 
@@ -122,6 +158,10 @@ class _Kernels:
     accept_greedy = staticmethod(accept_greedy)
     accept_typical = staticmethod(accept_typical)
     kv_compact = staticmethod(kv_compact)
+    rms_norm = staticmethod(rms_norm)
+    add_rms_norm = staticmethod(add_rms_norm)
+    silu_mul = staticmethod(silu_mul)
+    rope_kv_write = staticmethod(rope_kv_write)
 
 
 def _register_fakes() -> None:
@@ -153,6 +193,23 @@ def _register_fakes() -> None:
     @torch.library.register_fake(lib + "kv_compact")
     def _(k_cache, v_cache, cache_lens, accepted_nodes):
         return None
+
+    @torch.library.register_fake(lib + "rms_norm")
+    def _(x, weight, eps):
+        return x.new_empty(x.shape)
+
+    @torch.library.register_fake(lib + "add_rms_norm")
+    def _(x, residual, weight, eps):
+        return x.new_empty(x.shape), x.new_empty(x.shape)
+
+    @torch.library.register_fake(lib + "silu_mul")
+    def _(x):
+        return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
+
+    @torch.library.register_fake(lib + "rope_kv_write")
+    def _(qkv, cos, sin, k_cache, v_cache, layer, cache_lens, num_q_heads, num_kv_heads, q_norm, k_norm, eps):
+        B, N = qkv.shape[:2]
+        return qkv.new_empty((B, N, num_q_heads, cos.shape[-1]))
 
 
 if _EXTENSION is not None:
