@@ -59,7 +59,7 @@ def resolve_tree(tree, heads_dir: Path | None, device: torch.device):
     return tree
 
 
-def _tree_for(tree: Tree, use_heads: bool) -> Tree:
+def tree_for(tree: Tree, use_heads: bool) -> Tree:
     """The tree a run uses: without heads, the root and the tree's context chain only."""
     return tree if use_heads else Tree.plain().with_context(tree.context_len)
 
@@ -79,7 +79,7 @@ class HydraModel:
         check_supported(base)
         self.base = base.eval()
         self.heads = heads.eval() if heads is not None else None
-        self.default_tree = _tree_for(Tree.from_choices(resolve_tree(tree, None, self.device)), heads is not None)
+        self.default_tree = tree_for(Tree.from_choices(resolve_tree(tree, None, self.device)), heads is not None)
         cfg = base.config
         limit = getattr(cfg, "max_position_embeddings", None) or 4096
         self.max_cache_len = int(max_cache_len or min(limit, 4096))
@@ -185,7 +185,7 @@ class HydraModel:
         if streamer is not None and B != 1:
             raise ValueError("streamers support batch size 1 only, as in HF generate")
         use_heads = use_heads and self.heads is not None
-        tree_obj = _tree_for(Tree.from_choices(resolve_tree(tree, None, self.device)) if tree is not None
+        tree_obj = tree_for(Tree.from_choices(resolve_tree(tree, None, self.device)) if tree is not None
                              else self.default_tree, use_heads)
         if context_draft is not None:
             tree_obj = tree_obj.with_context(context_draft)
