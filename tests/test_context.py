@@ -179,11 +179,49 @@ def test_context_draft_compiles_fullgraph():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("compile", [False, True], ids=["graph", "compiled"])
 def test_cuda_graph_step_with_context_matches_hf(compile):
-    base = no_eos(tiny("llama")).cuda()
-    ids = torch.randint(0, V, (1, 8), generator=generator(5)).cuda()
-    ref = hf_greedy(base, ids, 96)
-    for heads in (None, perturbed_heads(base, "hydra++")):
-        model = HydraModel(base, heads, tree="tiny+ctx6", max_cache_len=256, compile=compile)
-        out = model.generate(ids, max_new_tokens=96, return_dict_in_generate=True)
-        assert torch.equal(out.sequences, ref)
-        assert max(out.accept_lengths[0]) > 1
+    base = no_eos(tiny("llama"))
+    heads = perturbed_heads(base, "hydra++").cuda()  # perturbed on the CPU (seeded), then moved
+    base = base.cuda()
+    P, new, M = 8, 96, 6
+    ids = torch.randint(0, V, (1, P), generator=generator(5)).cuda()
+    ref = hf_greedy(base, ids, new + M + 1)
+    for h in (None, heads):
+        model = HydraModel(base, h, tree=f"tiny+ctx{M}", max_cache_len=256, compile=compile)
+        out = model.generate(ids, max_new_tokens=new, return_dict_in_generate=True)
+        assert torch.equal(out.sequences, ref[:, : P + new])
+        if h is None:  # context drafts only: every step accepts exactly what the spec predicts
+            assert out.accept_lengths[0] == simulate_plain(ref[0].tolist(), P, new, M)
+
+
+PASSAGE = ("The lighthouse keeper climbed the spiral stairs every evening at dusk. He polished the great lens, "
+           "trimmed the wick, and wrote the weather in a leather-bound log: wind from the north-east, sea "
+           "moderate, two fishing boats returning late to the harbour at Port Ellis.")
+
+
+@pytest.mark.slow
+def test_smollm2_copies_a_passage_and_context_drafts_are_accepted():
+    """On a prompt whose answer copies a passage, the context chain adds accepted tokens to the shipped heads'
+    (and alone, as prompt-lookup decoding, accepts many); greedy output stays HF's."""
+    import hydra_fast
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hydra_fast import hub
+    from hydra_fast.heads import DraftHeads
+
+    path = hub.default_model_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    msg = f"Repeat the following text exactly, word for word:\n\n{PASSAGE}"
+    ids = tok.apply_chat_template([{"role": "user", "content": msg}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)["input_ids"]
+    ref = base.generate(ids, max_new_tokens=64, do_sample=False)
+    heads = DraftHeads.from_pretrained(hydra_fast.default_heads_path("hydra++"), base)
+    model = HydraModel(base, heads, tree="mc_sim_7b_63", max_cache_len=512)
+    tau = {}
+    for name, kw in {"heads": dict(), "heads+ctx": dict(context_draft=10),
+                     "ctx": dict(context_draft=10, use_heads=False)}.items():
+        out = model.generate(ids, max_new_tokens=64, return_dict_in_generate=True, **kw)
+        assert torch.equal(out.sequences, ref), (name, tok.decode(out.sequences[0, ids.shape[1]:]))
+        steps = out.accept_lengths[0]
+        tau[name] = sum(steps) / len(steps)
+    assert tau["heads+ctx"] > tau["heads"] and tau["ctx"] > 2.0, tau
