@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import DEVICES, generator
+from test_cli import common, folders, hf_answer  # noqa: F401 (folders: the CLI's tiny model folders)
 from test_engine import V, hf_greedy, perturbed_heads, tiny
 
 from hydra_fast import context
@@ -164,6 +165,18 @@ def test_sampling_with_context_is_seeded():
         torch.manual_seed(3)
         runs.append(model.generate(ids, max_new_tokens=30, do_sample=True, temperature=0.8))
     assert torch.equal(runs[0], runs[1]) and runs[0].shape == (1, 36) and int(runs[0].min()) >= 0
+
+
+@pytest.mark.parametrize("heads", ["hydra", "none"])
+def test_cli_context_draft_keeps_hf_greedy_text(folders, capsys, heads):
+    from hydra_fast import cli
+
+    _, _, base, tok = folders
+    args = common(folders, 24) + ["--context-draft", "6"] + (["--heads", "none"] if heads == "none" else [])
+    assert cli.main(["generate", "Say hello hello hello.", *args]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == hf_answer(base, tok, [{"role": "user", "content": "Say hello hello hello."}], 24).strip()
+    assert "+ 6 context drafts, mean accepted length" in err, err
 
 
 @pytest.mark.slow
