@@ -4,6 +4,7 @@
         [--prompts FILE] [--num-prompts 80] [--max-new-tokens 128] [--hf-prompts N]
         [--methods hf,hf_static,... | --method NAME ...] [--compile] [--device cuda] [--dtype bfloat16]
         [--json out/bench_decode.json] [--md ...] [--plot ...] [--answers-dir DIR] [--deadline-s 480]
+        [--context-draft M [--context-methods plain,hydra++]]
 
 One process, one machine, the same prompts for every method (gpt-fast ``generate.py``, Spec-Bench). The prompt loop
 is outermost, so when the deadline stops the run every method has seen the same prompts; HF methods run on every
@@ -60,11 +61,19 @@ def parse_tree(spec: str):
     return spec
 
 
-def method_tree(tree, label: str, device):
-    """The tree a method runs: ``tree`` itself, or for 'auto' its heads folder's tree for this device."""
+def method_tree(tree, label: str, device, context_draft: int = 0):
+    """The tree a method runs: ``tree`` itself, or for 'auto' its heads folder's tree for this device; with a
+    context chain of ``context_draft`` nodes (the ``_ctx`` methods)."""
     from hydra_fast.model import resolve_tree
+    from hydra_fast.tree import Tree
 
-    return resolve_tree(tree, Path(label) if label not in ("untrained", "none") else None, device)
+    resolved = resolve_tree(tree, Path(label) if label not in ("untrained", "none") else None, device)
+    return Tree.from_choices(resolved, context_len=context_draft) if context_draft else resolved
+
+
+def context_len(name: str, args) -> int:
+    """The context chain length of a method: --context-draft for the ``_ctx`` variants, else 0."""
+    return args.context_draft if name.endswith("_ctx") else 0
 
 
 class EagerPhasedRunner:
@@ -125,9 +134,10 @@ def split_pass(m: Method, heads, base, args, tree, max_cache_len, prompts, devic
     """The step split into draft / verify / accept on a few prompts, and the one-graph step's device time."""
     from hydra_fast import generate as gen
     from hydra_fast.engine import PhasedStepRunner, SamplingConfig, SpeculativeEngine, StepRunner
+    from hydra_fast.model import tree_for
     from hydra_fast.tree import Tree
 
-    t = Tree.from_choices(tree) if heads is not None else Tree.plain()
+    t = tree_for(Tree.from_choices(tree), heads is not None)
     engine = SpeculativeEngine(base, heads, t, 1, max_cache_len, SamplingConfig(), use_kernels=not args.reference_ops)
     cuda = device.type == "cuda"
     one = EventTimed(StepRunner(engine, cuda_graph=cuda and not args.no_cuda_graph), device)
@@ -186,6 +196,10 @@ def parse_args(argv=None):
     ap.add_argument("--compile", action="store_true", help="add torch.compile variants of --compile-methods (and "
                     "always plain_compile, the baseline of compiled methods)")
     ap.add_argument("--compile-methods", default="plain,medusa,hydra++")
+    ap.add_argument("--context-draft", type=int, default=0, metavar="M",
+                    help="M > 0: add <method>_ctx variants of --context-methods, their trees with a context chain of "
+                    "M nodes (tokens found in the prompt and the text so far; plain_ctx is prompt-lookup decoding)")
+    ap.add_argument("--context-methods", default="plain,hydra++")
     ap.add_argument("--hf-compile", choices=["auto", "on", "off"], default="auto",
                     help="run hf_static_compile (auto: on CUDA only; compiling on 2 CPU cores takes minutes)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -233,19 +247,21 @@ def main(argv=None) -> int:
 
     sized = "mc_sim_7b_63" if tree == "auto" else tree  # auto trees come from calibration: at most 64 nodes, depth 5
     tree_nodes = Tree.from_choices(sized).num_nodes
-    max_len = max(Tree.from_choices(sized).max_depth + 1, 6 if tree == "auto" else 0)
+    max_len = max(Tree.from_choices(sized).max_depth + 1, 6 if tree == "auto" else 0, args.context_draft + 1)
     longest = max(ids.shape[1] for _, ids in prompts)
-    max_cache_len = (longest + args.max_new_tokens + tree_nodes + 8 + 63) // 64 * 64
+    max_cache_len = (longest + args.max_new_tokens + tree_nodes + args.context_draft + 8 + 63) // 64 * 64
 
     meta = C.run_metadata(device, hydra_fast)
     meta.update(model=model_id, dtype=str(dtype).removeprefix("torch."), tree=args.tree, tree_nodes=tree_nodes,
                 max_new_tokens=args.max_new_tokens, num_prompts=len(prompts), hf_prompts=hf_prompts,
-                max_cache_len=max_cache_len, prompts_file=report_notes.get("prompts_file"),
+                max_cache_len=max_cache_len, context_draft=args.context_draft, prompts_file=report_notes.get("prompts_file"),
                 categories=sorted(set(categories.values())))
     report = dict(meta=meta, methods={}, per_prompt={}, targets=[], notes=report_notes, stopped_early=None)
     names = [n.strip() for n in (args.method or args.methods.split(",")) if n.strip()]
     if args.compile:
         names += [f"{n.strip()}_compile" for n in args.compile_methods.split(",") if n.strip() in OUR_KINDS]
+    if args.context_draft:
+        names += [f"{n.strip()}_ctx" for n in args.context_methods.split(",") if n.strip() in OUR_KINDS]
     if any(n.endswith("_compile") and n not in HF_METHODS for n in names) and "plain_compile" not in names:
         names.append("plain_compile")  # a compiled method's speed-up is over compiled plain decoding
     names = list(dict.fromkeys(names))
@@ -311,14 +327,14 @@ def main(argv=None) -> int:
                 if name in HF_METHODS:
                     m = hf_method(name, base, args, device, max_cache_len)
                 else:
-                    key = name.removesuffix("_compile")
+                    key = name.removesuffix("_compile").removesuffix("_ctx")
                     if key not in OUR_KINDS:
                         raise ValueError(f"unknown method {name!r}")
                     kind = OUR_KINDS[key]
                     if kind is not None and kind not in heads_cache:
                         heads_cache[kind] = resolve_heads(kind, base, args, report["notes"])
                     heads, label = heads_cache[kind] if kind else (None, "none")
-                    m = our_method(name, kind, heads, label, base, args, method_tree(tree, label, device),
+                    m = our_method(name, kind, heads, label, base, args, method_tree(tree, label, device, context_len(name, args)),
                                    max_cache_len, name.endswith("_compile"))
                 methods[name] = m
                 for _ in range(2 if name == "hf_static_compile" else 1):  # cudagraph trees record on the 2nd call
@@ -376,7 +392,7 @@ def main(argv=None) -> int:
                 m.call = None  # free this method's engine and graph first
                 m.info.pop("model", None)
                 gc.collect()
-                splits[name] = split_pass(m, heads, base, args, method_tree(tree, m.heads, device), max_cache_len,
+                splits[name] = split_pass(m, heads, base, args, method_tree(tree, m.heads, device, context_len(name, args)), max_cache_len,
                                           prompts, device, deadline)
                 log(f"split {name}: {splits[name]}")
             except Exception as e:  # noqa: BLE001

@@ -172,7 +172,7 @@ def our_method(name: str, kind, heads, label: str, base, args, tree, max_cache_l
         dt = time.perf_counter() - t0  # generate reads every step back to the host: the device is done
         return Run(out.sequences[0, ids.shape[1]:].tolist(), dt, out.accept_lengths[0], out.step_times)
 
-    tree_nodes = model.default_tree.num_nodes if heads is not None else 1
+    tree_nodes = model.default_tree.num_nodes
     draft_vocab = heads.draft_vocab.size if heads is not None and heads.draft_vocab is not None else 0
     return Method(name, "ours", label, call, kind=kind, compile=compile,
                   info={"model": model, "public": {"tree_nodes": tree_nodes, "draft_vocab": draft_vocab}})

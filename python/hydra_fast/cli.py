@@ -27,10 +27,15 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--heads", default=None,
                        help="local draft-heads folder (default: the shipped heads for the default model if present; "
                             "'none' for plain decoding)")
-        s.add_argument("--tree", default="auto", help="draft tree: a preset name (mc_sim_7b_63, chain4, tiny), a "
-                       "tree file from `hydra-fast calibrate`, or auto (default: the heads' tree_<device>.json "
-                       "when they ship one, else mc_sim_7b_63)")
+        s.add_argument("--tree", default="auto", help="draft tree: a preset name (mc_sim_7b_63, chain4, tiny; "
+                       "'+ctxM' adds M context drafts, e.g. mc_sim_7b_63+ctx8), a tree file from `hydra-fast "
+                       "calibrate`, or auto (default: the heads' tree_<device>.json when they ship one, else "
+                       "mc_sim_7b_63)")
         s.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate at most (default 256)")
+        s.add_argument("--context-draft", type=int, default=None, metavar="M",
+                       help="also draft M tokens found in the prompt and the text so far (prompt lookup), verified "
+                            "in the same tree; works with --heads none too (default: the tree's, e.g. --tree "
+                            "mc_sim_7b_63+ctx8; 0: off)")
         s.add_argument("--do-sample", action="store_true", help="sample (typical acceptance) instead of greedy")
         s.add_argument("--temperature", type=float, default=0.7, help="sampling temperature with --do-sample")
         s.add_argument("--top-p", type=float, default=1.0, help="nucleus (top-p) sampling with --do-sample")
@@ -121,12 +126,14 @@ def _answer(tok, model, messages, args) -> str:
     t0 = time.perf_counter()
     out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
                          temperature=args.temperature, top_p=args.top_p, streamer=streamer,
-                         return_dict_in_generate=True)
+                         return_dict_in_generate=True, context_draft=args.context_draft)
     dt = time.perf_counter() - t0
     new = out.sequences.shape[1] - ids.shape[1]
     steps = out.accept_lengths[0]
     tau = sum(steps) / len(steps) if steps else float("nan")
     mode = "plain decoding" if model.heads is None else f"{model.heads.config.kind} heads"
+    context_len = model.default_tree.context_len if args.context_draft is None else args.context_draft
+    mode += f" + {context_len} context drafts" if context_len else ""
     print(f"\n[{new} tokens in {dt:.2f} s: {new / dt:.1f} tok/s, {mode}, mean accepted length {tau:.2f}]",
           file=sys.stderr)
     return tok.decode(out.sequences[0, ids.shape[1]:], skip_special_tokens=True)

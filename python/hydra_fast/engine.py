@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hydra_fast import ops
+from hydra_fast import context, ops
 from hydra_fast.attention import TreeAttention, register, use_tree_attention
 from hydra_fast.cache import TreeKVCache
 from hydra_fast.compat import cache_kwarg
@@ -88,6 +88,10 @@ class SpeculativeEngine:
         self.result = torch.full((B, 1 + L), -1, dtype=torch.long, device=device)
         self.accepted = torch.full((B, L), -1, dtype=torch.long, device=device)  # last step's accepted nodes
         self.causal_masks: dict[int, torch.Tensor] = {}
+        self.history = None  # int64 [B, W]: the text so far, for the context chain (``hydra_fast.context``)
+        if tree.context_len > 0:
+            W = context.history_width(capacity, tree.max_depth)
+            self.history = torch.zeros(B, W, dtype=torch.long, device=device)
 
     # ------------------------------------------------------------------ pieces
     def _causal(self, n: int) -> torch.Tensor:
@@ -116,9 +120,17 @@ class SpeculativeEngine:
 
     def draft(self) -> torch.Tensor:
         """Candidate tokens of every tree node [B, N] (node 0 is the root)."""
-        if self.heads is None:
+        M = self.bufs.context_len
+        if self.heads is None and M == 0:
             return self.root.view(-1, 1)  # [B, 1]
-        return self.heads.draft(self.hidden, self.root, self.bufs, self.embed_weight, self.lm_head, self.impl)
+        if self.heads is None:
+            candidates = torch.cat([self.root.view(-1, 1), self.root.new_zeros(self.batch_size, M)], dim=1)
+        else:
+            candidates = self.heads.draft(self.hidden, self.root, self.bufs, self.embed_weight, self.lm_head,
+                                          self.impl)
+        if M > 0:  # the context chain: the last N - M .. N - 1 nodes
+            candidates[:, -M:] = context.draft(self.history, self.cache.lens + 1, M)
+        return candidates
 
     def _accept(self, logits, candidates):
         s = self.sampling
@@ -165,6 +177,8 @@ class SpeculativeEngine:
         if self.prefix_cache is not None:
             h_last = rows_at(self._prefix(hidden, pos), last)  # the prefix layer reads the whole prompt
         self.cache.lens.copy_(lengths.to(device=self.device, dtype=torch.int32))
+        if self.history is not None:
+            context.write_prompt(self.history, input_ids, lengths, first)
         self.root.copy_(first)
         self.hidden.copy_(h_last)
         return first
@@ -200,6 +214,8 @@ class SpeculativeEngine:
         """Move the accepted nodes' K/V of every layer into place (``kv_compact``) and advance ``lens``."""
         lens = self.cache.lens
         self.impl.kv_compact(self.cache.k, self.cache.v, lens, nodes)
+        if self.history is not None:
+            context.advance(self.history, lens, self.result[:, 1:])  # the tokens ``select`` emitted
         lens.add_((accept_len + 1).to(torch.int32))
 
     def propose(self) -> tuple[torch.Tensor, torch.Tensor]:

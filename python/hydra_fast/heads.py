@@ -126,8 +126,8 @@ class DraftHeads(nn.Module):
         int64 [B] (the base model's next token), embed_weight [V, d]. -> int64 [B, N], column 0 = root.
 
         Static shapes, no host reads: runs under torch.compile(fullgraph=True) and CUDA-graph capture."""
-        if bufs.max_depth > len(self.heads):
-            raise ValueError(f"the tree is {bufs.max_depth} deep but there are only {len(self.heads)} heads")
+        if len(bufs.levels) > len(self.heads):
+            raise ValueError(f"the tree is {len(bufs.levels)} deep but there are only {len(self.heads)} heads")
         B, dm = hidden.shape
         candidates = root.new_zeros(B, bufs.num_nodes)  # [B, N]
         candidates[:, 0] = root

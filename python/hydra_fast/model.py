@@ -8,7 +8,7 @@ import torch
 
 from hydra_fast import generate as gen
 from hydra_fast.engine import SamplingConfig, SpeculativeEngine, StepRunner
-from hydra_fast.tree import Tree
+from hydra_fast.tree import Tree, split_context
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 
@@ -48,12 +48,20 @@ def resolve_tree(tree, heads_dir: Path | None, device: torch.device):
     """A tree argument as ``Tree.from_choices`` takes it: "auto" and tree files resolved (see from_pretrained)."""
     from hydra_fast.tree_search import load_tree
 
+    if isinstance(tree, (str, Path)) and str(tree) != split_context(str(tree))[0]:  # "<tree>+ctxM"
+        name, context_len = split_context(str(tree))
+        return Tree.from_choices(resolve_tree(name, heads_dir, device), context_len=context_len)
     if isinstance(tree, (str, Path)) and str(tree) == "auto":
         found = heads_dir / f"tree_{torch.device(device).type}.json" if heads_dir is not None else None
         return load_tree(found) if found is not None and found.is_file() else "mc_sim_7b_63"
     if isinstance(tree, Path) or (isinstance(tree, str) and tree.endswith(".json")):
         return load_tree(tree)
     return tree
+
+
+def tree_for(tree: Tree, use_heads: bool) -> Tree:
+    """The tree a run uses: without heads, the root and the tree's context chain only."""
+    return tree if use_heads else Tree.plain().with_context(tree.context_len)
 
 
 class HydraModel:
@@ -71,8 +79,7 @@ class HydraModel:
         check_supported(base)
         self.base = base.eval()
         self.heads = heads.eval() if heads is not None else None
-        self.default_tree = Tree.from_choices(resolve_tree(tree, None, self.device)) if heads is not None \
-            else Tree.plain()
+        self.default_tree = tree_for(Tree.from_choices(resolve_tree(tree, None, self.device)), heads is not None)
         cfg = base.config
         limit = getattr(cfg, "max_position_embeddings", None) or 4096
         self.max_cache_len = int(max_cache_len or min(limit, 4096))
@@ -162,11 +169,14 @@ class HydraModel:
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
                  posterior_threshold: float = 0.09, posterior_alpha: float = 0.3, streamer=None,
                  stopping_criteria=None, return_dict_in_generate: bool = False, tree=None,
-                 pad_token_id: int | None = None, use_heads: bool = True, **unsupported):
+                 pad_token_id: int | None = None, use_heads: bool = True, context_draft: int | None = None,
+                 **unsupported):
         """HF-compatible generation. Greedy output equals ``base.generate(do_sample=False)``.
 
         ``use_heads=False`` runs plain decoding in the same engine (the baseline). With ``do_sample``,
         drafts are accepted by typical acceptance (``posterior_threshold`` eps, ``posterior_alpha`` delta).
+        ``context_draft=M`` adds a chain of M tokens found in the prompt and the text so far to the draft tree
+        (with or without heads; 0: none; default: the tree's, e.g. ``tree="mc_sim_7b_63+ctx8"``).
         """
         if unsupported:
             raise TypeError(f"HydraModel.generate does not support {sorted(unsupported)}")
@@ -191,9 +201,10 @@ class HydraModel:
         if streamer is not None and B != 1:
             raise ValueError("streamers support batch size 1 only, as in HF generate")
         use_heads = use_heads and self.heads is not None
-        tree_obj = (Tree.from_choices(resolve_tree(tree, None, self.device)) if tree is not None
-                    else self.default_tree) if use_heads \
-            else Tree.plain()
+        tree_obj = tree_for(Tree.from_choices(resolve_tree(tree, None, self.device)) if tree is not None
+                             else self.default_tree, use_heads)
+        if context_draft is not None:
+            tree_obj = tree_obj.with_context(context_draft)
         need = int(prompts.lengths.max()) + max_new_tokens + tree_obj.num_nodes
         if need > self.max_cache_len:
             raise ValueError(

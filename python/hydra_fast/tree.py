@@ -5,6 +5,11 @@ top-1 child, ``(0, 2)`` the third-best child of that node. Node 0 is the root (t
 token); the other nodes follow sorted by (depth, ranks), so a parent's index is always below its children's
 and the nodes of one depth are contiguous. All buffers are built once per tree (``Tree.buffers``) and have
 shapes fixed by the tree, so a decoding step that reads them can be compiled and captured as a CUDA graph.
+
+A tree may also carry ``context_len`` context nodes: a chain of M nodes hanging off the root, filled each step
+with a continuation found in the text itself (``hydra_fast.context``), verified in the same forward pass as
+the heads' nodes. They follow the heads' nodes (indices N - M .. N - 1, depth 1 .. M), so the heads' nodes keep
+their indices and levels; a preset name takes them as a suffix: ``"mc_sim_7b_63+ctx8"``, ``"plain+ctx8"``.
 """
 from __future__ import annotations
 
@@ -63,11 +68,12 @@ class TreeBuffers:
     max_depth: int
     depth: torch.Tensor  # int64 [N]
     parents: torch.Tensor  # int64 [N], -1 for the root
-    ranks: torch.Tensor  # int64 [N], -1 for the root
+    ranks: torch.Tensor  # int64 [N], -1 for the root and the context nodes
     tree_mask: torch.Tensor  # bool [N, N], row i: ancestors of i and i itself
     paths: torch.Tensor  # int64 [P, L] root-to-leaf node indices, -1 padded; [[0]] for the root-only tree
     node_paths: torch.Tensor  # int64 [N, L] nodes root..i for each node i, -1 padded
-    levels: tuple[Level, ...]  # levels[d - 1] drafts depth d, d = 1 .. max_depth
+    levels: tuple[Level, ...]  # levels[d - 1] drafts depth d, d = 1 .. the heads' depth
+    context_len: int = 0  # M: nodes N - M .. N - 1 are the context chain (node N - M's parent is the root)
 
     @property
     def num_paths(self) -> int:
@@ -76,19 +82,30 @@ class TreeBuffers:
 
 @dataclass(frozen=True)
 class Tree:
-    """A static draft tree. ``nodes[0] == ()`` is the root; nodes sorted by (depth, ranks)."""
+    """A static draft tree. ``nodes[0] == ()`` is the root; the heads' nodes sorted by (depth, ranks), then
+    ``context_len`` context nodes (a chain off the root, not listed in ``nodes``)."""
 
     nodes: tuple[Node, ...]
+    context_len: int = 0
 
     @classmethod
-    def from_choices(cls, choices: Choices) -> Tree:
-        """Build from a preset name (see PRESETS) or a list of rank tuples such as [[0], [0, 0], [1]]."""
-        if isinstance(choices, str):
-            if choices not in PRESETS:
-                raise ValueError(f"unknown tree preset {choices!r}; known presets: {', '.join(sorted(PRESETS))}")
-            choices = PRESETS[choices]
+    def from_choices(cls, choices: Choices, context_len: int | None = None) -> Tree:
+        """Build from a preset name (see PRESETS, optionally with a ``+ctxM`` suffix) or a list of rank tuples
+        such as [[0], [0, 0], [1]]. ``context_len`` (when given) overrides the tree's context chain length."""
         if isinstance(choices, Tree):
-            return choices
+            return choices if context_len is None else choices.with_context(context_len)
+        suffix_len = 0
+        if isinstance(choices, str):
+            name, suffix_len = split_context(choices)
+            if name not in PRESETS:
+                raise ValueError(f"unknown tree preset {name!r}; known presets: {', '.join(sorted(PRESETS))} "
+                                 "(each optionally with a context chain: '+ctx8')")
+            choices = PRESETS[name]
+        tree = cls._from_nodes(choices)
+        return tree.with_context(suffix_len if context_len is None else context_len)
+
+    @classmethod
+    def _from_nodes(cls, choices) -> Tree:
         if not isinstance(choices, Sequence):
             raise ValueError(f"tree choices must be a preset name or a list of rank lists, got {type(choices)}")
         nodes = [_validate_node(i, c) for i, c in enumerate(choices)]
@@ -107,18 +124,32 @@ class Tree:
         """The root-only tree: no drafts, plain autoregressive decoding."""
         return cls(nodes=((),))
 
+    def with_context(self, context_len: int) -> Tree:
+        """This tree with a context chain of ``context_len`` nodes off the root (0: none)."""
+        if isinstance(context_len, bool) or not isinstance(context_len, numbers.Integral) or context_len < 0:
+            raise ValueError(f"context_len (the context draft length) must be a non-negative int, got "
+                             f"{context_len!r}")
+        return Tree(nodes=self.nodes, context_len=int(context_len))
+
     @property
     def num_nodes(self) -> int:
-        return len(self.nodes)
+        return len(self.nodes) + self.context_len
+
+    @property
+    def heads_depth(self) -> int:
+        """Depth of the heads' nodes (the heads this tree needs)."""
+        return len(self.nodes[-1])
 
     @property
     def max_depth(self) -> int:
-        return len(self.nodes[-1])
+        return max(self.heads_depth, self.context_len)
 
     @property
     def parents(self) -> tuple[int, ...]:
         index = {n: i for i, n in enumerate(self.nodes)}
-        return (-1,) + tuple(index[n[:-1]] for n in self.nodes[1:])
+        first = len(self.nodes)  # the context chain: first -> root, then each node -> the one before it
+        context = tuple(0 if k == 0 else first + k - 1 for k in range(self.context_len))
+        return (-1,) + tuple(index[n[:-1]] for n in self.nodes[1:]) + context
 
     def ancestors(self, i: int) -> list[int]:
         """Node indices root..i."""
@@ -129,8 +160,8 @@ class Tree:
         return out[::-1]
 
     def buffers(self, device: torch.device | str = "cpu") -> TreeBuffers:
-        N, D = self.num_nodes, self.max_depth
-        L = D + 1
+        N, D = self.num_nodes, self.heads_depth
+        L = self.max_depth + 1
         parents = self.parents
         has_child = set(parents[1:])
         node_paths = [self.ancestors(i) for i in range(N)]
@@ -148,7 +179,7 @@ class Tree:
 
         levels = []
         for d in range(1, D + 1):
-            children = [i for i in range(N) if len(self.nodes[i]) == d]
+            children = [i for i in range(len(self.nodes)) if len(self.nodes[i]) == d]
             parent_nodes = sorted({parents[c] for c in children})
             slot = {p: s for s, p in enumerate(parent_nodes)}
             ranks = [self.nodes[c][-1] for c in children]
@@ -162,17 +193,25 @@ class Tree:
                 child_slot=longs(slot[parents[c]] for c in children),
                 child_rank=longs(ranks),
             ))
+        M = self.context_len
         return TreeBuffers(
             num_nodes=N,
-            max_depth=D,
-            depth=longs(len(n) for n in self.nodes),
+            max_depth=self.max_depth,
+            depth=longs([len(n) for n in self.nodes] + list(range(1, M + 1))),
             parents=longs(parents),
-            ranks=longs([-1] + [n[-1] for n in self.nodes[1:]]),
+            ranks=longs([-1] + [n[-1] for n in self.nodes[1:]] + [-1] * M),
             tree_mask=torch.tensor(mask, dtype=torch.bool, device=device),  # [N, N]
             paths=padded([node_paths[i] for i in leaves]),  # [P, L]
             node_paths=padded(node_paths),  # [N, L]
             levels=tuple(levels),
+            context_len=M,
         )
+
+
+def split_context(spec: str) -> tuple[str, int]:
+    """'name+ctxM' -> ('name', M); anything else -> (spec, 0)."""
+    name, sep, suffix = spec.rpartition("+ctx")
+    return (name, int(suffix)) if sep and suffix.isdigit() else (spec, 0)
 
 
 def _validate_node(i: int, choice) -> Node:
