@@ -20,4 +20,9 @@ TORCH_LIBRARY(hydra_fast, m) {
         "float posterior_threshold, float posterior_alpha) -> (Tensor, Tensor, Tensor)");
   // k_cache/v_cache [L, B, Hkv, S, D] (all layers), cache_lens int32 [B], accepted_nodes int64 [B, Lp]
   m.def("kv_compact(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_lens, Tensor accepted_nodes) -> ()");
+  // probs float32 [B, N, V] (target distributions), candidates int64 [B, N], first_child / next_sibling int64 [N]
+  // (children in the order they are tried, -1 terminated), uniform float32 [B, N] -> as accept_greedy with
+  // L = max_depth + 1. Lossless sampling: point-mass multi-round rejection (reference.accept_sample).
+  m.def("accept_sample(Tensor probs, Tensor candidates, Tensor first_child, Tensor next_sibling, Tensor uniform, "
+        "int max_depth) -> (Tensor, Tensor, Tensor)");
 }
