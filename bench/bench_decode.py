@@ -248,13 +248,21 @@ def our_method(name: str, kind, heads, label: str, base, args, tree, max_cache_l
 
     def call(ids, max_new_tokens=None):
         t0 = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=max_new_tokens or args.max_new_tokens, return_dict_in_generate=True)
+        out = model.generate(ids, max_new_tokens=max_new_tokens or args.max_new_tokens, return_dict_in_generate=True,
+                             **sampling_kwargs(args))
         dt = time.perf_counter() - t0  # generate reads every step back to the host: the device is done
         return Run(out.sequences[0, ids.shape[1]:].tolist(), dt, out.accept_lengths[0], out.step_times)
 
     tree_nodes = model.default_tree.num_nodes if heads is not None else 1
     return Method(name, "ours", label, call, kind=kind, compile=compile,
                   info={"model": model, "public": {"tree_nodes": tree_nodes}})
+
+
+def sampling_kwargs(args) -> dict:
+    """generate() arguments of --do-sample (lossless sampling at --temperature, seeded), else greedy."""
+    if not args.do_sample:
+        return {}
+    return dict(do_sample=True, temperature=args.temperature, generator=torch.Generator().manual_seed(0))
 
 
 # -- the step split ------------------------------------------------------------------------------------------
@@ -265,7 +273,8 @@ def split_pass(m: Method, heads, base, args, tree, max_cache_len, prompts, devic
     from hydra_fast.tree import Tree
 
     t = Tree.from_choices(tree) if heads is not None else Tree.plain()
-    engine = SpeculativeEngine(base, heads, t, 1, max_cache_len, SamplingConfig(), use_kernels=not args.reference_ops)
+    sampling = SamplingConfig(do_sample=True, temperature=args.temperature) if args.do_sample else SamplingConfig()
+    engine = SpeculativeEngine(base, heads, t, 1, max_cache_len, sampling, use_kernels=not args.reference_ops)
     cuda = device.type == "cuda"
     one = EventTimed(StepRunner(engine, cuda_graph=cuda and not args.no_cuda_graph), device)
     phased = SplitRecorder(PhasedStepRunner(engine) if cuda else EagerPhasedRunner(engine))
@@ -474,6 +483,9 @@ def parse_args(argv=None):
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                     help="default: bfloat16 on cuda, float32 on cpu")
     ap.add_argument("--reference-ops", action="store_true", help="pure-PyTorch ops instead of the kernels")
+    ap.add_argument("--do-sample", action="store_true", help="our methods sample (lossless acceptance) at "
+                    "--temperature instead of decoding greedily; the HF methods stay greedy")
+    ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of --do-sample")
     ap.add_argument("--no-cuda-graph", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--json", type=Path, default=C.REPO / "out" / "bench_decode.json")
@@ -521,6 +533,7 @@ def main(argv=None) -> int:
     meta = C.run_metadata(device, hydra_fast)
     meta.update(model=model_id, dtype=str(dtype).removeprefix("torch."), tree=args.tree, tree_nodes=tree_nodes,
                 max_new_tokens=args.max_new_tokens, num_prompts=len(prompts), hf_prompts=args.hf_prompts,
+                do_sample=args.do_sample, temperature=args.temperature if args.do_sample else None,
                 max_cache_len=max_cache_len)
     report = dict(meta=meta, methods={}, per_prompt={}, targets=[], notes=report_notes, stopped_early=None)
     names = [n.strip() for n in args.methods.split(",") if n.strip()]
