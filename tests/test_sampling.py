@@ -539,3 +539,17 @@ def test_sampling_arguments_are_checked(tiny_lm):
         model.generate(ids, max_new_tokens=4, do_sample=True, acceptance="lossy")
     with pytest.raises(ValueError, match="top_k must be an int >= 0"):
         model.generate(ids, max_new_tokens=4, do_sample=True, top_k=-1)
+
+
+def test_target_probs_top_k_then_top_p():
+    logits = torch.log(torch.tensor([[0.4, 0.1, 0.2, 0.2, 0.1]]))
+    # top-2 keeps 0.4 and both 0.2 (ties with the 2nd largest are kept, as HF): [.5, 0, .25, .25, 0]
+    torch.testing.assert_close(target_probs(logits, 1.0, top_k=2), torch.tensor([[0.5, 0, 0.25, 0.25, 0]]))
+    # top-3 of [.4, .1, .25, .15, .1] is [.5, .3125, .1875] (renormalised); its 0.6 nucleus keeps the first two
+    untied = torch.log(torch.tensor([[0.4, 0.1, 0.25, 0.15, 0.1]]))
+    torch.testing.assert_close(target_probs(untied, 1.0, top_k=3, top_p=0.6),
+                               torch.tensor([[0.4 / 0.65, 0, 0.25 / 0.65, 0, 0]]))
+    # temperature before the filters: T = 0.5 squares the probabilities
+    torch.testing.assert_close(target_probs(logits, 0.5, top_k=1), torch.tensor([[1.0, 0, 0, 0, 0]]))
+    sq = torch.tensor([0.16, 0.01, 0.04, 0.04, 0.01])
+    torch.testing.assert_close(target_probs(logits, 0.5)[0], sq / sq.sum())
