@@ -138,7 +138,8 @@ def split_pass(m: Method, heads, base, args, tree, max_cache_len, prompts, devic
     from hydra_fast.tree import Tree
 
     t = tree_for(Tree.from_choices(tree), heads is not None)
-    engine = SpeculativeEngine(base, heads, t, 1, max_cache_len, SamplingConfig(), use_kernels=not args.reference_ops)
+    sampling = SamplingConfig(do_sample=True, temperature=args.temperature) if args.do_sample else SamplingConfig()
+    engine = SpeculativeEngine(base, heads, t, 1, max_cache_len, sampling, use_kernels=not args.reference_ops)
     cuda = device.type == "cuda"
     one = EventTimed(StepRunner(engine, cuda_graph=cuda and not args.no_cuda_graph), device)
     phased = SplitRecorder(PhasedStepRunner(engine) if cuda else EagerPhasedRunner(engine))
@@ -206,6 +207,9 @@ def parse_args(argv=None):
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                     help="default: bfloat16 on cuda, float32 on cpu")
     ap.add_argument("--reference-ops", action="store_true", help="pure-PyTorch ops instead of the kernels")
+    ap.add_argument("--do-sample", action="store_true", help="our methods sample (lossless acceptance) at "
+                    "--temperature instead of decoding greedily; the HF methods stay greedy")
+    ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of --do-sample")
     ap.add_argument("--no-cuda-graph", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--json", type=Path, default=C.REPO / "out" / "bench_decode.json")
@@ -255,7 +259,8 @@ def main(argv=None) -> int:
     meta.update(model=model_id, dtype=str(dtype).removeprefix("torch."), tree=args.tree, tree_nodes=tree_nodes,
                 max_new_tokens=args.max_new_tokens, num_prompts=len(prompts), hf_prompts=hf_prompts,
                 max_cache_len=max_cache_len, context_draft=args.context_draft, prompts_file=report_notes.get("prompts_file"),
-                categories=sorted(set(categories.values())))
+                categories=sorted(set(categories.values())), do_sample=args.do_sample,
+                temperature=args.temperature if args.do_sample else None)
     report = dict(meta=meta, methods={}, per_prompt={}, targets=[], notes=report_notes, stopped_early=None)
     names = [n.strip() for n in (args.method or args.methods.split(",")) if n.strip()]
     if args.compile:

@@ -168,7 +168,8 @@ def our_method(name: str, kind, heads, label: str, base, args, tree, max_cache_l
 
     def call(ids, max_new_tokens=None):
         t0 = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=max_new_tokens or args.max_new_tokens, return_dict_in_generate=True)
+        out = model.generate(ids, max_new_tokens=max_new_tokens or args.max_new_tokens, return_dict_in_generate=True,
+                             **sampling_kwargs(args))
         dt = time.perf_counter() - t0  # generate reads every step back to the host: the device is done
         return Run(out.sequences[0, ids.shape[1]:].tolist(), dt, out.accept_lengths[0], out.step_times)
 
@@ -176,6 +177,13 @@ def our_method(name: str, kind, heads, label: str, base, args, tree, max_cache_l
     draft_vocab = heads.draft_vocab.size if heads is not None and heads.draft_vocab is not None else 0
     return Method(name, "ours", label, call, kind=kind, compile=compile,
                   info={"model": model, "public": {"tree_nodes": tree_nodes, "draft_vocab": draft_vocab}})
+
+
+def sampling_kwargs(args) -> dict:
+    """generate() arguments of --do-sample (lossless sampling at --temperature, seeded), else greedy."""
+    if not getattr(args, "do_sample", False):
+        return {}
+    return dict(do_sample=True, temperature=args.temperature, generator=torch.Generator().manual_seed(0))
 
 
 def step_kernels(m: Method, device) -> dict:

@@ -360,6 +360,39 @@ inline void check_rope_kv_write(const at::Tensor& qkv, const at::Tensor& cos, co
   c::last_dim_contiguous(op, "sin", sin);
   c::last_dim_contiguous(op, "k_cache", k_cache);
   c::last_dim_contiguous(op, "v_cache", v_cache);
+// probs float32 [B, N, V], candidates int64 [B, N], first_child / next_sibling int64 [N], uniform float32 [B, N],
+// max_depth >= 0.
+inline void check_accept_sample(const at::Tensor& probs, const at::Tensor& candidates, const at::Tensor& first_child,
+                                const at::Tensor& next_sibling, const at::Tensor& uniform, int64_t max_depth) {
+  namespace c = checks_detail;
+  const char* op = "accept_sample";
+  c::same_device(op, "candidates", candidates, "probs", probs);
+  c::same_device(op, "first_child", first_child, "probs", probs);
+  c::same_device(op, "next_sibling", next_sibling, "probs", probs);
+  c::same_device(op, "uniform", uniform, "probs", probs);
+  c::dims(op, "probs", probs, 3, "[B, N, V]");
+  c::dims(op, "candidates", candidates, 2, "[B, N]");
+  c::dims(op, "first_child", first_child, 1, "[N]");
+  c::dims(op, "next_sibling", next_sibling, 1, "[N]");
+  c::dims(op, "uniform", uniform, 2, "[B, N]");
+  TORCH_CHECK(probs.scalar_type() == at::kFloat, "hydra_fast.", op, ": probs must be float32 probabilities (softmax "
+              "of the filtered logits / temperature), got ", probs.scalar_type());
+  c::dtype(op, "candidates", candidates, at::kLong);
+  c::dtype(op, "first_child", first_child, at::kLong);
+  c::dtype(op, "next_sibling", next_sibling, at::kLong);
+  c::dtype(op, "uniform", uniform, at::kFloat);
+  const int64_t B = probs.size(0), N = probs.size(1);
+  c::size(op, "candidates", candidates, 0, B, "B from probs");
+  c::size(op, "candidates", candidates, 1, N, "N from probs");
+  c::size(op, "first_child", first_child, 0, N, "N from probs");
+  c::size(op, "next_sibling", next_sibling, 0, N, "N from probs");
+  c::size(op, "uniform", uniform, 0, B, "B from probs");
+  c::size(op, "uniform", uniform, 1, N, "N from probs (one uniform per node, [b, 0] for the bonus token)");
+  TORCH_CHECK(N >= 1, "hydra_fast.", op, ": probs must have at least one node (N >= 1), got N = 0");
+  TORCH_CHECK(probs.size(2) >= 1, "hydra_fast.", op, ": probs must have a vocabulary (V >= 1), got V = 0");
+  TORCH_CHECK(max_depth >= 0 && max_depth < N, "hydra_fast.", op, ": max_depth must be in [0, N) (the tree's depth, "
+              "TreeBuffers.max_depth), got ", max_depth, " with N = ", N);
+  c::last_dim_contiguous(op, "probs", probs);
 }
 
 }  // namespace hydra_fast

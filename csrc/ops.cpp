@@ -31,4 +31,9 @@ TORCH_LIBRARY(hydra_fast, m) {
   // q_norm/k_norm [D] -> q [B, N, Hq, D]; K and V of token n go to cache[layer, b, :, cache_lens[b] + n] (< S).
   m.def("rope_kv_write(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int layer, "
         "Tensor cache_lens, int num_q_heads, int num_kv_heads, Tensor? q_norm, Tensor? k_norm, float eps) -> Tensor");
+  // probs float32 [B, N, V] (target distributions), candidates int64 [B, N], first_child / next_sibling int64 [N]
+  // (children in the order they are tried, -1 terminated), uniform float32 [B, N] -> as accept_greedy with
+  // L = max_depth + 1. Lossless sampling: point-mass multi-round rejection (reference.accept_sample).
+  m.def("accept_sample(Tensor probs, Tensor candidates, Tensor first_child, Tensor next_sibling, Tensor uniform, "
+        "int max_depth) -> (Tensor, Tensor, Tensor)");
 }

@@ -17,35 +17,34 @@ from hydra_fast import context, ops
 from hydra_fast.attention import TreeAttention, register, use_tree_attention
 from hydra_fast.cache import TreeKVCache
 from hydra_fast.compat import cache_kwarg
+from hydra_fast.sampling import filter_logits, inverse_cdf, target_probs, top_p_filter  # noqa: F401
 from hydra_fast.tree import Tree
 
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """Greedy when ``do_sample`` is False; else typical acceptance at ``temperature`` on the distribution
-    restricted to its ``top_p`` nucleus (renormalised) for both acceptance and the sampled tokens."""
+    """Greedy when ``do_sample`` is False. Else the target is softmax(logits / ``temperature``) restricted to its
+    ``top_k`` tokens (0: all) and then its ``top_p`` nucleus, renormalised, and drafts are accepted by
+    ``acceptance``: "exact" (default; lossless multi-round rejection, ``accept_sample``: the output follows the
+    target's distribution exactly) or "typical" (lossy typical acceptance, ``posterior_threshold`` eps and
+    ``posterior_alpha`` delta: faster, but the output distribution differs from the base's)."""
 
     do_sample: bool = False
     temperature: float = 1.0
     posterior_threshold: float = 0.09
     posterior_alpha: float = 0.3
     top_p: float = 1.0
+    top_k: int = 0
+    acceptance: str = "exact"
+
+    def __post_init__(self):
+        if self.acceptance not in ACCEPTANCE:
+            raise ValueError(f"acceptance must be one of {', '.join(ACCEPTANCE)}, got {self.acceptance!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0 keeps every token), got {self.top_k!r}")
 
 
-# Logit given to tokens outside the nucleus: far below any real logit, yet finite after division by the
-# temperature, so 0 * log p stays 0 in the entropy (an infinite logit would make it NaN).
-_OUTSIDE_NUCLEUS = -1e30
-
-
-def top_p_filter(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """Logits [..., V] (float32) whose softmax at ``temperature`` is the renormalised ``top_p`` nucleus:
-    the fewest most likely tokens whose probability adds up to at least top_p (the top token always)."""
-    scaled = logits.float() / temperature
-    sorted_logits, order = scaled.sort(dim=-1, descending=True)  # [..., V]
-    probs = sorted_logits.softmax(-1)
-    outside = (probs.cumsum(-1) - probs) >= top_p  # mass before this token already reaches top_p
-    kept = torch.where(outside, torch.full_like(sorted_logits, _OUTSIDE_NUCLEUS), sorted_logits * temperature)
-    return torch.empty_like(kept).scatter_(-1, order, kept)
+ACCEPTANCE = ("exact", "typical")
 
 
 def rows_at(seq: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -87,6 +86,10 @@ class SpeculativeEngine:
         self.hidden = torch.zeros(B, cfg.hidden_size, dtype=dtype, device=device)  # heads' input
         self.result = torch.full((B, 1 + L), -1, dtype=torch.long, device=device)
         self.accepted = torch.full((B, L), -1, dtype=torch.long, device=device)  # last step's accepted nodes
+        # Sampling randomness: the engine's own generator (seeded per generate call, registered with the step's
+        # CUDA graph) fills uniform [B, N] at the start of every step: [b, n] decides node n, [b, 0] the bonus.
+        self.generator = torch.Generator(device=device)
+        self.uniform = torch.zeros(B, self.bufs.num_nodes, dtype=torch.float32, device=device)
         self.causal_masks: dict[int, torch.Tensor] = {}
         self.history = None  # int64 [B, W]: the text so far, for the context chain (``hydra_fast.context``)
         if tree.context_len > 0:
@@ -132,15 +135,27 @@ class SpeculativeEngine:
             candidates[:, -M:] = context.draft(self.history, self.cache.lens + 1, M)
         return candidates
 
+    def reseed(self, seed: int) -> None:
+        """Seed the sampling generator (``generate`` does, from the user's generator or torch's default one)."""
+        self.generator.manual_seed(seed)
+
+    def draw_uniforms(self) -> None:
+        """This step's uniforms, drawn in place into ``self.uniform`` (outside torch.compile: dynamo cannot
+        trace a generator; inside the CUDA graph: the generator is registered with it)."""
+        if self.sampling.do_sample:
+            self.uniform.uniform_(generator=self.generator)
+
     def _accept(self, logits, candidates):
         s = self.sampling
         if not s.do_sample:
             return self.impl.accept_greedy(logits, candidates, self.bufs.paths)
-        uniform = torch.rand(logits.shape[0], device=logits.device, dtype=torch.float32)
-        if s.top_p < 1.0:
-            logits = top_p_filter(logits, s.temperature, s.top_p)  # [B, N, V] float32
-        return self.impl.accept_typical(logits, candidates, self.bufs.paths, uniform, s.temperature,
-                                        s.posterior_threshold, s.posterior_alpha)
+        if s.acceptance == "typical":
+            logits = filter_logits(logits, s.temperature, s.top_k, s.top_p)  # [B, N, V] float32
+            return self.impl.accept_typical(logits, candidates, self.bufs.paths, self.uniform[:, 0], s.temperature,
+                                            s.posterior_threshold, s.posterior_alpha)
+        probs = target_probs(logits, s.temperature, s.top_k, s.top_p)  # [B, N, V] float32
+        return self.impl.accept_sample(probs, candidates, self.bufs.first_child, self.bufs.next_sibling,
+                                       self.uniform, self.bufs.max_depth)
 
     def _heads_input(self, hidden_seq, nodes, accept_len, position_ids) -> torch.Tensor:
         """The heads' next input: the base hidden state at the last accepted node, or for Hydra++ the
@@ -170,8 +185,8 @@ class SpeculativeEngine:
         logits = self.lm_head(h_last).float()  # [B, V]
         if self.sampling.do_sample:
             s = self.sampling
-            probs = torch.softmax(top_p_filter(logits, s.temperature, s.top_p) / s.temperature, dim=-1)
-            first = torch.multinomial(probs, 1).view(B)
+            u = torch.rand(B, generator=self.generator, device=self.device)  # [B]
+            first = inverse_cdf(target_probs(logits, s.temperature, s.top_k, s.top_p), u)
         else:
             first = logits.argmax(-1)
         if self.prefix_cache is not None:
@@ -227,8 +242,16 @@ class SpeculativeEngine:
     @torch.no_grad()
     def step(self) -> torch.Tensor:
         """One speculative step from the current state; fills and returns ``self.result`` [B, 1 + L]."""
+        self.draw_uniforms()
         self.commit(*self.propose())
         return self.result
+
+
+def register_generator(graph, engine: SpeculativeEngine) -> None:
+    """Let ``graph`` draw from the engine's generator: each replay then advances it, and ``reseed`` between
+    replays takes effect (torch.cuda.CUDAGraph.register_generator_state)."""
+    if engine.sampling.do_sample:
+        graph.register_generator_state(engine.generator)
 
 
 class StepRunner:
@@ -248,6 +271,7 @@ class StepRunner:
 
             @torch.no_grad()
             def step() -> torch.Tensor:
+                engine.draw_uniforms()
                 engine.commit(*propose())
                 return engine.result
 
@@ -265,6 +289,7 @@ class StepRunner:
                 self.step()
         torch.cuda.current_stream(engine.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
+        register_generator(graph, engine)
         with torch.cuda.graph(graph):
             self.step()
         engine.cache.reset()  # the warm-up's tokens are garbage; prefill starts from an empty cache
@@ -304,7 +329,7 @@ class PhasedStepRunner:
         e = self.engine
         return (lambda: self.cand.copy_(e.draft()),
                 lambda: [buf.copy_(x) for buf, x in zip((self.hidden, self.logits), e.verify(self.cand))],
-                lambda: e.accept(self.cand, self.hidden, self.logits))
+                lambda: (e.draw_uniforms(), e.accept(self.cand, self.hidden, self.logits)))
 
     def _capture(self):
         engine = self.engine
@@ -319,6 +344,7 @@ class PhasedStepRunner:
         graphs = []
         for phase in self._phases():
             g = torch.cuda.CUDAGraph()
+            register_generator(g, engine)
             with torch.cuda.graph(g):
                 phase()
             graphs.append(g)

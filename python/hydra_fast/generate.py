@@ -119,6 +119,12 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
+def seed_from(generator: torch.Generator | None) -> int:
+    """A 63-bit seed for the engine's sampling generator, drawn from ``generator`` (or torch's default one)."""
+    device = generator.device if generator is not None else "cpu"
+    return int(torch.randint(0, 2**63 - 1, (1,), generator=generator, device=device))
+
+
 def run(engine, runner, prompts: Prompts, sink: TokenSink):
     """Prefill then step until every sequence has stopped. Returns per-step wall times (seconds)."""
     if sink.streamer is not None:

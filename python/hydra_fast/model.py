@@ -170,11 +170,15 @@ class HydraModel:
                  posterior_threshold: float = 0.09, posterior_alpha: float = 0.3, streamer=None,
                  stopping_criteria=None, return_dict_in_generate: bool = False, tree=None,
                  pad_token_id: int | None = None, use_heads: bool = True, context_draft: int | None = None,
+                 top_k: int = 0, acceptance: str = "exact", generator: torch.Generator | None = None,
                  **unsupported):
         """HF-compatible generation. Greedy output equals ``base.generate(do_sample=False)``.
 
-        ``use_heads=False`` runs plain decoding in the same engine (the baseline). With ``do_sample``,
-        drafts are accepted by typical acceptance (``posterior_threshold`` eps, ``posterior_alpha`` delta).
+        ``use_heads=False`` runs plain decoding in the same engine (the baseline). With ``do_sample``, tokens follow
+        softmax(logits / temperature) restricted to ``top_k`` and then ``top_p`` exactly (``acceptance="exact"``,
+        lossless rejection sampling on the tree); ``acceptance="typical"`` is the lossy typical acceptance
+        (``posterior_threshold`` eps, ``posterior_alpha`` delta). ``generator`` (a torch.Generator) makes a
+        sampled run reproducible; without one the seed comes from torch's default generator (torch.manual_seed).
         ``context_draft=M`` adds a chain of M tokens found in the prompt and the text so far to the draft tree
         (with or without heads; 0: none; default: the tree's, e.g. ``tree="mc_sim_7b_63+ctx8"``).
         """
@@ -211,9 +215,11 @@ class HydraModel:
                 f"prompt ({int(prompts.lengths.max())} tokens) + max_new_tokens ({max_new_tokens}) + draft tree "
                 f"({tree_obj.num_nodes} nodes) = {need} is over the cache capacity max_cache_len="
                 f"{self.max_cache_len}: shorten the prompt, lower max_new_tokens or pass a larger max_cache_len")
-        sampling = SamplingConfig(do_sample, float(temperature), posterior_threshold, posterior_alpha,
-                                  float(top_p)) if do_sample else SamplingConfig()
+        sampling = SamplingConfig(do_sample, float(temperature), posterior_threshold, posterior_alpha, float(top_p),
+                                  top_k=top_k, acceptance=acceptance) if do_sample else SamplingConfig()
         engine, runner = self._get_engine(B, tree_obj, sampling, use_heads)
+        if do_sample:
+            engine.reseed(gen.seed_from(generator))
         sink = gen.TokenSink(prompts, max_new_tokens, eos, stopping_criteria, streamer)
         step_times = gen.run(engine, runner, prompts, sink)
         sequences = sink.sequences(pad_token_id).to(input_ids.device)

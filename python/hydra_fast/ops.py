@@ -105,6 +105,19 @@ def accept_typical(logits, candidates, paths, uniform, temperature: float, poste
                                      posterior_alpha)
 
 
+def accept_sample(probs, candidates, first_child, next_sibling, uniform, max_depth: int):
+    """Lossless sampling on the tree: point-mass multi-round rejection against the target (exact for
+    deterministic child lists; see reference.accept_sample for the rule and why it is exact).
+
+    probs float32 [B, N, V] (each node's target distribution, already temperature-scaled and top-k/top-p
+    filtered; rows are used as p / sum p), candidates int64 [B, N], first_child / next_sibling int64 [N] (each
+    node's children in the order they are tried, -1 terminated: TreeBuffers.first_child / next_sibling),
+    uniform float32 [B, N] in [0, 1) ([b, n] decides node n's test, [b, 0] draws the bonus token), max_depth
+    the tree's depth. Returns as accept_greedy with L = max_depth + 1.
+    """
+    return _require().accept_sample(probs, candidates, first_child, next_sibling, uniform, max_depth)
+
+
 def kv_compact(k_cache, v_cache, cache_lens, accepted_nodes) -> None:
     """Move accepted tree slots to contiguous positions after len, in place, for all layers at once.
 
@@ -157,6 +170,7 @@ class _Kernels:
     draft_head_mlp = staticmethod(draft_head_mlp)
     accept_greedy = staticmethod(accept_greedy)
     accept_typical = staticmethod(accept_typical)
+    accept_sample = staticmethod(accept_sample)
     kv_compact = staticmethod(kv_compact)
     rms_norm = staticmethod(rms_norm)
     add_rms_norm = staticmethod(add_rms_norm)
@@ -189,6 +203,13 @@ def _register_fakes() -> None:
     @torch.library.register_fake(lib + "accept_typical")
     def _(logits, candidates, paths, uniform, temperature, posterior_threshold, posterior_alpha):
         return _accept_fake(logits, paths)
+
+    @torch.library.register_fake(lib + "accept_sample")
+    def _(probs, candidates, first_child, next_sibling, uniform, max_depth):
+        B = probs.shape[0]
+        i64 = dict(dtype=torch.long, device=probs.device)
+        L = max_depth + 1
+        return probs.new_empty((B,), **i64), probs.new_empty((B, L), **i64), probs.new_empty((B, L), **i64)
 
     @torch.library.register_fake(lib + "kv_compact")
     def _(k_cache, v_cache, cache_lens, accepted_nodes):

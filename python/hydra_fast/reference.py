@@ -245,3 +245,119 @@ def rope_kv_write(
     k_cache[layer].scatter_(2, index, k.transpose(1, 2).to(k_cache.dtype))
     v_cache[layer].scatter_(2, index, v.transpose(1, 2).to(v_cache.dtype))
     return q.contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Lossless sampling on the tree (``accept_sample``).
+# ---------------------------------------------------------------------------------------------------------------
+def _reject_point_mass(residual, token, p_token, rejected, node):
+    """The residual [B, V] after rejecting ``token`` [B] under the point-mass rule: its entry set to 0 where
+    ``rejected`` [B]. p_token [B] is the token's residual entry; node [B] the node being expanded (unused)."""
+    kept = torch.where(rejected, torch.zeros_like(p_token), p_token)
+    return residual.scatter(1, token.view(-1, 1), kept.view(-1, 1))
+
+
+def _accept_point_mass(residual, token, p_token, u, node):
+    """Accept with probability r(token) / sum(r): u * sum(r) < r(token)."""
+    return u * residual.sum(-1) < p_token
+
+
+def _walk_tree(probs, candidates, first_child, next_sibling, uniform, max_depth, test, reject):
+    """Multi-round rejection down the tree, one child test per iteration (a static trip count of N - 1).
+
+    ``test(residual, token, p_token, u, node)`` -> bool [B] decides a child's test and ``reject(residual, token,
+    p_token, rejected, node)`` -> residual updates after a rejection; node [B] is the node being expanded.
+    Returns (accept_len [B], out_tokens [B, L], accepted_nodes [B, L])."""
+    B, N, V = probs.shape
+    L = max_depth + 1
+    dev = probs.device
+    rows = torch.arange(B, device=dev)
+    p = probs.double()  # [B, N, V]
+    residual = p[:, 0].clone()  # [B, V] the expanded node's residual, unnormalised
+    node = torch.zeros(B, dtype=torch.long, device=dev)  # [B] the node being expanded
+    child = first_child[0].view(1).expand(B).clone()  # [B] the child under test, -1 when none is left
+    accept_len = torch.zeros(B, dtype=torch.long, device=dev)
+    nodes = torch.full((B, L), -1, dtype=torch.long, device=dev)
+    nodes[:, 0] = 0
+    for _ in range(N - 1):  # each non-root node is tested at most once
+        active = child >= 0
+        c = child.clamp(0, N - 1)
+        token = candidates[rows, c].clamp(0, V - 1)  # [B]
+        p_token = residual.gather(1, token.view(B, 1)).view(B)
+        accepted = active & test(residual, token, p_token, uniform[rows, c].double(), node)
+        rejected = active & ~accepted
+        residual = reject(residual, token, p_token, rejected, node)
+        accept_len = accept_len + accepted.long()
+        slot = accept_len.clamp(max=L - 1).view(B, 1)
+        nodes = nodes.scatter(1, slot, torch.where(accepted, c, nodes.gather(1, slot).view(B)).view(B, 1))
+        residual = torch.where(accepted.view(B, 1), p[rows, c], residual)
+        node = torch.where(accepted, c, node)
+        child = torch.where(accepted, first_child[c], torch.where(rejected, next_sibling[c], child))
+    # The bonus token: inverse CDF of the residual, the first v whose CDF exceeds u * total.
+    cdf = residual.cumsum(-1)  # [B, V]
+    target = uniform[:, 0].double().view(B, 1) * cdf[:, -1:]
+    extra = (cdf <= target).sum(-1).clamp(max=V - 1)
+    accept_len = accept_len.clamp(max=L - 1)
+    j = torch.arange(L, device=dev).view(1, L)
+    drafted = candidates.gather(1, nodes.roll(-1, dims=1).clamp(0, N - 1))  # [B, L] the next node's token
+    out = torch.where(j < accept_len.view(B, 1), drafted, torch.full_like(drafted, -1))
+    out = torch.where(j == accept_len.view(B, 1), extra.view(B, 1).expand(B, L), out)
+    return accept_len, out, nodes
+
+
+def accept_sample(
+    probs: torch.Tensor,  # float32 [B, N, V]: the target distribution after each node (p / sum p is used)
+    candidates: torch.Tensor,  # int64 [B, N]
+    first_child: torch.Tensor,  # int64 [N]: a node's first child to try, -1 for a leaf
+    next_sibling: torch.Tensor,  # int64 [N]: the child tried after this one, -1 for the last
+    uniform: torch.Tensor,  # float32 [B, N] in [0, 1): [b, n] decides node n's test, [b, 0] draws the bonus token
+    max_depth: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Lossless speculative sampling on a tree of deterministic drafts (point-mass multi-round rejection).
+
+    At an accepted node with target distribution p, its children c1, c2, ... are tried in order against the
+    residual r (r = p at first): c_i is accepted with probability r(c_i) / sum(r); on rejection r(c_i) = 0. When
+    every child is rejected (or the node is a leaf) the bonus token is drawn from r / sum(r).
+
+    Why it is exact: the children are a deterministic function of the context (the heads' top-k in rank order),
+    i.e. each is a point mass q_i = delta(c_i). After rejecting c_1..c_{i-1} (distinct tokens D_{i-1}),
+    r = p / (1 - p(D_{i-1})) off D_{i-1}, and the chance of having come this far is the telescoping product
+    prod_j (1 - r_j(c_j)) = 1 - p(D_{i-1}). So c_i is emitted with probability p(c_i) if it is new (0 if it
+    repeats a rejected sibling), and a token x outside the children with (1 - p(D)) * p(x) / (1 - p(D)) = p(x):
+    the emitted token has law p exactly. An accepted child repeats the argument one level down with the child's
+    own target row, so the emitted tokens follow the target's autoregressive law. This is SpecInfer's/EAGLE's
+    multi-round rule with q = delta(c_i): min(1, r(c)/q(c)) = r(c) and norm(relu(r - q)) zeroes c.
+
+    As accept_greedy: (accept_len [B], out_tokens [B, L], accepted_nodes [B, L]), L = max_depth + 1.
+    """
+    return _walk_tree(probs, candidates, first_child, next_sibling, uniform, max_depth,
+                      test=_accept_point_mass, reject=_reject_point_mass)
+
+
+def accept_sample_iid(
+    probs: torch.Tensor,  # float32 [B, N, V] target distributions
+    draft_probs: torch.Tensor,  # float32 [B, N, V]: q at each node, the law its children were drawn from
+    candidates: torch.Tensor,  # int64 [B, N]
+    first_child: torch.Tensor,  # int64 [N]
+    next_sibling: torch.Tensor,  # int64 [N]
+    uniform: torch.Tensor,  # float32 [B, N]
+    max_depth: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The multi-round rule for children drawn i.i.d. (with replacement) from q (SpecInfer, EAGLE): accept c with
+    probability min(1, r(c) / q(c)) (r normalised), else r = relu(r - q); the bonus token from r / sum(r).
+    Exact only when the children really are i.i.d. draws from q; hydra_fast's heads pick their top-k
+    deterministically and use ``accept_sample``. Reference only (no kernel)."""
+    B = probs.shape[0]
+    rows = torch.arange(B, device=probs.device)
+    q = draft_probs.double()
+    q = q / q.sum(-1, keepdim=True)  # [B, N, V]
+
+    def test(residual, token, p_token, u, node):
+        q_token = q[rows, node].gather(1, token.view(B, 1)).view(B)
+        return u * residual.sum(-1) * q_token < p_token  # u < (r(c) / sum r) / q(c), without a division
+
+    def reject(residual, token, p_token, rejected, node):
+        left = (residual / residual.sum(-1, keepdim=True) - q[rows, node]).clamp(min=0)  # [B, V]
+        return torch.where(rejected.view(B, 1), left, residual)
+
+    return _walk_tree(probs, candidates, first_child, next_sibling, uniform, max_depth, test=test, reject=reject)

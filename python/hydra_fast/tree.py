@@ -73,6 +73,8 @@ class TreeBuffers:
     paths: torch.Tensor  # int64 [P, L] root-to-leaf node indices, -1 padded; [[0]] for the root-only tree
     node_paths: torch.Tensor  # int64 [N, L] nodes root..i for each node i, -1 padded
     levels: tuple[Level, ...]  # levels[d - 1] drafts depth d, d = 1 .. the heads' depth
+    first_child: torch.Tensor  # int64 [N] the rank-0-most child of each node, -1 for a leaf
+    next_sibling: torch.Tensor  # int64 [N] the next child of the same parent by rank, -1 for the last
     context_len: int = 0  # M: nodes N - M .. N - 1 are the context chain (node N - M's parent is the root)
 
     @property
@@ -204,8 +206,19 @@ class Tree:
             paths=padded([node_paths[i] for i in leaves]),  # [P, L]
             node_paths=padded(node_paths),  # [N, L]
             levels=tuple(levels),
+            **self._child_lists(device),
             context_len=M,
         )
+
+    def _child_lists(self, device) -> dict[str, torch.Tensor]:
+        """Each node's children in rank order as first-child / next-sibling links (the order in which lossless
+        sampling tries them, ``accept_sample``)."""
+        N, parents = self.num_nodes, self.parents
+        first, nxt = [-1] * N, [-1] * N
+        for c in sorted(range(1, N), key=lambda c: self.nodes[c][-1], reverse=True):
+            nxt[c], first[parents[c]] = first[parents[c]], c  # prepend: highest rank first, so rank 0 ends first
+        return {"first_child": torch.tensor(first, dtype=torch.long, device=device),
+                "next_sibling": torch.tensor(nxt, dtype=torch.long, device=device)}
 
 
 def split_context(spec: str) -> tuple[str, int]:
