@@ -30,6 +30,7 @@ class SamplingConfig:
     posterior_threshold: float = 0.09
     posterior_alpha: float = 0.3
     top_p: float = 1.0
+    top_k: int = 0  # sample among the top_k most likely tokens only (0: no top-k filter)
 
 
 # Logit given to tokens outside the nucleus: far below any real logit, yet finite after division by the
@@ -85,13 +86,14 @@ class SpeculativeEngine:
         self.hidden = torch.zeros(B, cfg.hidden_size, dtype=dtype, device=device)  # heads' input
         self.result = torch.full((B, 1 + L), -1, dtype=torch.long, device=device)
         self.accepted = torch.full((B, L), -1, dtype=torch.long, device=device)  # last step's accepted nodes
-        self.causal_masks: dict[int, torch.Tensor] = {}
+        self.step_causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()  # the prefix layer's, a step
 
     # ------------------------------------------------------------------ pieces
     def _causal(self, n: int) -> torch.Tensor:
-        if n not in self.causal_masks:
-            self.causal_masks[n] = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()
-        return self.causal_masks[n]
+        # Only the step's mask is kept: one kept per prompt length would grow device memory with every new length.
+        if n == self.step_causal.shape[0]:
+            return self.step_causal
+        return torch.ones(n, n, dtype=torch.bool, device=self.device).tril()
 
     def _forward(self, input_ids, position_ids, mask) -> torch.Tensor:
         """Backbone over N new tokens per sequence written after ``lens``. -> last hidden [B, N, d]."""
