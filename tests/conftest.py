@@ -131,16 +131,3 @@ def random_tree(num_nodes: int, gen: torch.Generator, max_depth: int = 6) -> Ran
             mask[i, n] = True
             n = parents[n]
     return RandomTree(parents, paths, mask)
-
-
-TINY_VOCAB = 211
-
-
-def tiny_llama(seed: int = 0):
-    """A seeded random 2-layer Llama (hidden 64, GQA 4:2, vocabulary TINY_VOCAB), fp32, eval mode."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=TINY_VOCAB, max_position_embeddings=1024)
-    return LlamaForCausalLM(cfg).eval()

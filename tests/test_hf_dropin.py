@@ -3,15 +3,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_VOCAB, tiny_llama
+from _train_tiny import tiny_llama
 from transformers import GenerationConfig, StoppingCriteria
 
 from hydra_fast import generate_args
 from hydra_fast.heads import DraftHeads
 from hydra_fast.model import HydraModel
 
-V = TINY_VOCAB
-llama = tiny_llama
+V = 211
+
+
+def llama(seed=0):
+    return tiny_llama(vocab=V, seed=seed)
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +53,10 @@ def test_generation_config_supplies_defaults():
 def test_a_sampling_model_samples_by_default(pair):
     base, model = pair
     x = ids(6)
-    greedy = model.generate(x, max_new_tokens=12)
     saved = base.generation_config
     try:
         base.generation_config = GenerationConfig(do_sample=True, temperature=5.0, max_new_tokens=12)
+        greedy = model.generate(x, do_sample=False)
         torch.manual_seed(0)
         sampled = [model.generate(x) for _ in range(3)]
     finally:
@@ -120,11 +123,10 @@ def test_text_generation_pipeline(pair, tmp_path):
     vocab = {f"w{i}": i for i in range(V)}
     raw = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
     raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="w0", pad_token="w0", eos_token="w1")
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="w0", pad_token="w0", eos_token="w2")
     pipe = pipeline("text-generation", model=model, tokenizer=tok)
     text = "w5 w9 w17 w3"
     got = pipe(text, max_new_tokens=6, do_sample=False, return_full_text=False)[0]["generated_text"]
     x = tok(text, return_tensors="pt")["input_ids"]
-    want = base.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=6, do_sample=False, pad_token_id=0,
-                         eos_token_id=1)
+    want = base.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=6, do_sample=False)
     assert got == tok.decode(want[0, x.shape[1]:], skip_special_tokens=True)

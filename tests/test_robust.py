@@ -6,13 +6,16 @@ import threading
 
 import pytest
 import torch
-from conftest import TINY_VOCAB, tiny_llama
+from _train_tiny import tiny_llama
 
 from hydra_fast.heads import DraftHeads
 from hydra_fast.model import HydraModel, UnsupportedModelError
 
-V = TINY_VOCAB
-llama = tiny_llama
+V = 211
+
+
+def llama(seed=0):
+    return tiny_llama(vocab=V, seed=seed)
 
 
 def hf_greedy(base, ids, n):
@@ -78,36 +81,31 @@ def test_negative_pad_id_in_a_ragged_batch(pad):
     assert out[1, 7:].tolist() == hf_greedy(base, b[None], 5)[0, 4:].tolist()
 
 
-def test_failed_engine_build_does_not_poison_later_calls():
+def test_tree_deeper_than_the_heads_is_refused_before_any_build():
     model = model_with_heads()
     ids = prompt(8)
     good = model.generate(ids, max_new_tokens=6)
-    with pytest.raises(ValueError, match="deep"):
-        model.generate(ids, max_new_tokens=6, tree=[[0]] * 1 + [[0, 0], [0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0, 0]])
-    real = model._get_engine
-
-    def interrupted(*a, **k):
-        model._get_engine = real
-        real(*a, **k)
-        raise KeyboardInterrupt  # after the build, as Ctrl-C during capture would
-    model._get_engine = interrupted
-    with pytest.raises(KeyboardInterrupt):
-        model.generate(ids, max_new_tokens=6, tree="chain4")
+    built = model._engine
+    with pytest.raises(ValueError, match="5 deep but these heads draft 4"):
+        model.generate(ids, max_new_tokens=6, tree=[[0], [0, 0], [0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0, 0]])
+    assert model._engine is built
     assert torch.equal(model.generate(ids, max_new_tokens=6), good)
 
 
-def test_build_failure_inside_the_engine_leaves_no_current_engine(monkeypatch):
+@pytest.mark.parametrize("failure", [torch.OutOfMemoryError("simulated"), KeyboardInterrupt()],
+                         ids=["out_of_memory", "ctrl_c"])
+def test_failed_engine_build_does_not_poison_later_calls(monkeypatch, failure):
     from hydra_fast import model as model_module
 
     model = model_with_heads()
     ids = prompt(8)
     good = model.generate(ids, max_new_tokens=6)
 
-    class Boom(model_module.StepRunner):
+    class Failing(model_module.StepRunner):  # fails as a capture or compile cut short would
         def __init__(self, *a, **k):
-            raise torch.OutOfMemoryError("simulated out of memory")
-    monkeypatch.setattr(model_module, "StepRunner", Boom)
-    with pytest.raises(torch.OutOfMemoryError):
+            raise failure
+    monkeypatch.setattr(model_module, "StepRunner", Failing)
+    with pytest.raises(type(failure)):
         model.generate(ids, max_new_tokens=6, tree="chain4")
     monkeypatch.undo()
     assert torch.equal(model.generate(ids, max_new_tokens=6), good)
