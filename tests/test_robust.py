@@ -203,3 +203,61 @@ def test_offloaded_weights_are_refused():
     base.model.layers[1].mlp.up_proj.weight = torch.nn.Parameter(torch.empty(128, 64, device="meta"))
     with pytest.raises(UnsupportedModelError, match="meta"):
         HydraModel(base)
+
+
+# ---------------------------------------------------------------------------------------------- CUDA
+def _cuda_model(kind):
+    base = llama().cuda()
+    return base, HydraModel(base, DraftHeads.from_base(base, kind), tree="tiny")  # steps replayed as a CUDA graph
+
+
+@pytest.mark.parametrize("kind", ["hydra", "hydra++"])
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_rebuilt_after_the_base_moves_and_changes_dtype(kind):
+    base, model = _cuda_model(kind)
+    ids = prompt(9).cuda()
+    want = hf_greedy(base, ids, 12)
+    assert torch.equal(model.generate(ids, max_new_tokens=12), want)
+    model.to("cpu")
+    model.to("cuda")
+    junk = [torch.randn(1 << 16, device="cuda") for _ in range(64)]  # reuse the freed storages
+    assert torch.equal(model.generate(ids, max_new_tokens=12), want)
+    del junk
+    sd = {k: v.clone() for k, v in llama(seed=3).cuda().state_dict().items()}
+    base.load_state_dict(sd, assign=True)
+    assert torch.equal(model.generate(ids, max_new_tokens=12), hf_greedy(base, ids, 12))
+    model.to(torch.bfloat16)
+    out = model.generate(ids, max_new_tokens=12)
+    assert model._engine.cache.k.dtype == torch.bfloat16 and out.shape == (1, 21)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bad_token_id_leaves_the_context_usable():
+    base, model = _cuda_model("hydra")
+    ids = prompt(9).cuda()
+    ids[0, 4] = V + 7
+    with pytest.raises(ValueError, match="vocabulary size"):
+        model.generate(ids, max_new_tokens=4)
+    ids[0, 4] = 5
+    assert torch.equal(model.generate(ids, max_new_tokens=8), hf_greedy(base, ids, 8))
+    torch.cuda.synchronize()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_inference_mode_then_outside_and_threads():
+    base, model = _cuda_model("hydra")
+    a, b = prompt(9, 1).cuda(), prompt(6, 2).cuda()
+    with torch.inference_mode():
+        inside = model.generate(a, max_new_tokens=10)
+    assert torch.equal(model.generate(a, max_new_tokens=10), inside)
+    results = {}
+    threads = [threading.Thread(target=lambda k=k, x=x: results.__setitem__(k, model.generate(x, max_new_tokens=10)))
+               for k, x in (("a", a), ("b", b))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert torch.equal(results["a"], hf_greedy(base, a, 10)) and torch.equal(results["b"], hf_greedy(base, b, 10))
