@@ -29,7 +29,8 @@ def _parser() -> argparse.ArgumentParser:
                        "tree file from `hydra-fast calibrate`, or auto (default: the heads' tree_<device>.json "
                        "when they ship one, else mc_sim_7b_63)")
         s.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate at most (default 256)")
-        s.add_argument("--do-sample", action="store_true", help="sample (typical acceptance) instead of greedy")
+        s.add_argument("--do-sample", action="store_true", help="sample (typical acceptance); without it, as the "
+                       "model's generation_config says (greedy if it says nothing)")
         s.add_argument("--temperature", type=float, default=0.7, help="sampling temperature with --do-sample")
         s.add_argument("--top-p", type=float, default=1.0, help="nucleus (top-p) sampling with --do-sample")
         s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -154,7 +155,7 @@ def _answer(tok, model, messages, args) -> str:
     ids = _prompt_ids(tok, messages).to(model.device)
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     t0 = time.perf_counter()
-    out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+    out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample or None,
                          temperature=args.temperature, top_p=args.top_p, streamer=streamer,
                          return_dict_in_generate=True)
     dt = time.perf_counter() - t0

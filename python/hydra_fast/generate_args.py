@@ -23,7 +23,7 @@ DEFAULT_MAX_NEW_TOKENS = 128
 # Values, besides None and HF's global defaults, that ask for nothing.
 _NO_OP = {"min_p": (0.0,), "renormalize_logits": (False,), "output_logits": (False,), "output_attentions": (False,),
           "output_hidden_states": (False,), "synced_gpus": (False,), "min_new_tokens": (0,), "low_memory": (False,),
-          "logits_processor": ((), []), "max_time": ()}
+          "logits_processor": ((), [])}
 # Settings that never change the tokens generated: ignored whatever their value.
 _IGNORED = ("bos_token_id", "decoder_start_token_id", "cache_implementation", "cache_config", "compile_config",
             "disable_compile", "transformers_version", "_from_model_config", "max_cache_len", "use_mtp",
@@ -51,8 +51,11 @@ def _is_no_op(name: str, value, defaults: dict) -> bool:
 
 
 def _same(a, b) -> bool:
+    """Equal values of one kind (True is not 1 here); False for values that do not compare."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
     try:
-        return bool(a == b) and type(a) is not bool or a is b
+        return bool(a == b)
     except (TypeError, ValueError, RuntimeError):
         return False
 
@@ -69,7 +72,7 @@ def _explain(bad: dict) -> str:
 
 
 def _settings(cfg) -> dict:
-    return {k: v for k, v in cfg.to_dict().items()} if cfg is not None else {}
+    return cfg.to_dict() if cfg is not None else {}
 
 
 def resolve(kwargs: dict, generation_config=None, base_config=None, prompt_len: int = 0) -> GenerateArgs:
