@@ -146,14 +146,13 @@ def split_pass(m: Method, heads, base, args, tree, max_cache_len, prompts, devic
     gcfg = base.generation_config
     eos = gcfg.eos_token_id
     eos = set([eos] if isinstance(eos, int) else (eos or []))
-    pad = gcfg.pad_token_id if gcfg.pad_token_id is not None else 0
     walls = {id(one): [], id(phased): []}
     done = 0
     for _, ids in prompts[: args.split_prompts]:
         if time.perf_counter() > stop_at:
             break
         for runner in (one, phased):
-            p = gen.prepare_prompts(ids, None, pad)
+            p = gen.prepare_prompts(ids, None, base.get_input_embeddings().weight.shape[0])
             sink = gen.TokenSink(p, args.max_new_tokens, eos, None, None)
             walls[id(runner)] += gen.run(engine, runner, p, sink)
         done += 1

@@ -221,9 +221,9 @@ def test_checkpoint_errors(model, data, data_dir, tmp_path):
     with pytest.raises(ckpt.CheckpointMismatchError, match="trains hydra .4 heads.*asks for hydra .2 heads"):
         Trainer(model, data, config(["hydra"], steps=4, num_heads=2), tmp_path, progress=False).fit()
     other = tiny_llama(seed=3)
-    with pytest.raises(ckpt.CheckpointMismatchError, match="another base model .*lm_head_digest"):
+    with pytest.raises(ckpt.CheckpointMismatchError, match="another base model .*lm_head"):
         Trainer(other, data, config(["hydra"], steps=4), tmp_path, progress=False).fit()
-    state = tmp_path / "checkpoint" / "state.pt"
+    state = next((tmp_path / "checkpoint").glob("state*.pt"))  # the file checkpoint.json names
     blob = state.read_bytes()
     state.write_bytes(blob[: len(blob) // 2])
     with pytest.raises(ckpt.CheckpointError, match="truncated"):

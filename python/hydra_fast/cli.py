@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -36,7 +37,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="also draft M tokens found in the prompt and the text so far (prompt lookup), verified "
                             "in the same tree; works with --heads none too (default: the tree's, e.g. --tree "
                             "mc_sim_7b_63+ctx8; 0: off)")
-        s.add_argument("--do-sample", action="store_true", help="sample (typical acceptance) instead of greedy")
+        s.add_argument("--do-sample", action="store_true", help="sample (exact: the base model's own distribution); "
+                       "without it, as the model's generation_config says (greedy if it says nothing)")
         s.add_argument("--temperature", type=float, default=0.7, help="sampling temperature with --do-sample")
         s.add_argument("--top-p", type=float, default=1.0, help="nucleus (top-p) sampling with --do-sample")
         s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -97,11 +99,31 @@ def _calibrate(args) -> int:
     return 0
 
 
+class UsageError(ValueError):
+    """A mistake in the command line: printed as one line, no traceback."""
+
+
+def _check_args(args) -> None:
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UsageError(f"--device {args.device!r} is not a device: pass cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise UsageError(f"--device {args.device}: {why}; pass --device cpu")
+    for flag, value in (("--model", args.model), ("--heads", None if args.heads == "none" else args.heads)):
+        if value is not None and not Path(value).is_dir():
+            raise UsageError(f"{flag} {value}: no such folder (pass a local folder{', or none' if flag == '--heads' else ''})")
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+
+
 def _load(args):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hydra_fast.model import HydraModel
 
+    _check_args(args)
     path = args.model or str(hub.default_model_path())
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
     tok = AutoTokenizer.from_pretrained(path)
@@ -117,14 +139,33 @@ def _load(args):
     return tok, model
 
 
+def _prompt_ids(tok, messages):
+    return tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                   return_dict=True)["input_ids"]
+
+
+def _fit_history(tok, model, history: list[dict], args) -> bool:
+    """Drop the oldest turns until the chat fits the cache (prompt + new tokens + the draft tree); False
+    (and the last message dropped) when even the last message alone does not fit."""
+    room = model.max_cache_len - args.max_new_tokens - (model.default_tree.num_nodes if model.heads else 1)
+    while _prompt_ids(tok, history).shape[1] > room:
+        if len(history) <= 1:
+            history.clear()
+            print(f"hydra-fast: that message is too long for --max-cache-len {model.max_cache_len} with "
+                  f"--max-new-tokens {args.max_new_tokens}; send a shorter one", file=sys.stderr)
+            return False
+        del history[: 2 if len(history) > 2 else 1]  # the oldest user turn and its answer
+        print("hydra-fast: (earliest turn dropped: the chat outgrew the cache)", file=sys.stderr)
+    return True
+
+
 def _answer(tok, model, messages, args) -> str:
     from transformers import TextStreamer
 
-    enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    ids = enc["input_ids"].to(model.device)
+    ids = _prompt_ids(tok, messages).to(model.device)
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     t0 = time.perf_counter()
-    out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+    out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample or None,
                          temperature=args.temperature, top_p=args.top_p, streamer=streamer,
                          return_dict_in_generate=True, context_draft=args.context_draft)
     dt = time.perf_counter() - t0
@@ -141,23 +182,44 @@ def _answer(tok, model, messages, args) -> str:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "calibrate":
-        return _calibrate(args)
-    tok, model = _load(args)
-    if args.command == "generate":
-        _answer(tok, model, [{"role": "user", "content": args.prompt}], args)
-        return 0
+    try:
+        if args.command == "calibrate":
+            return _calibrate(args)
+        tok, model = _load(args)
+        if args.command == "generate":
+            _answer(tok, model, [{"role": "user", "content": args.prompt}], args)
+            return 0
+        _chat(tok, model, args)
+    except (ValueError, OSError) as e:  # bad flags, folders or files: the message says what to do
+        print(f"hydra-fast: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    return 0
+
+
+def _chat(tok, model, args) -> None:
+    """Ctrl-C at the prompt clears the line; during an answer it stops the answer (the turn is dropped)."""
     history = []
     while True:
         try:
             line = input("> ").strip()
         except EOFError:
             break
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            continue
         if not line:
             break
         history.append({"role": "user", "content": line})
-        history.append({"role": "assistant", "content": _answer(tok, model, history, args)})
-    return 0
+        if not _fit_history(tok, model, history, args):
+            continue
+        try:
+            history.append({"role": "assistant", "content": _answer(tok, model, history, args)})
+        except KeyboardInterrupt:
+            history.pop()
+            print("\n[stopped]", file=sys.stderr)
 
 
 if __name__ == "__main__":

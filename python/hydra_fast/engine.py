@@ -90,7 +90,7 @@ class SpeculativeEngine:
         # CUDA graph) fills uniform [B, N] at the start of every step: [b, n] decides node n, [b, 0] the bonus.
         self.generator = torch.Generator(device=device)
         self.uniform = torch.zeros(B, self.bufs.num_nodes, dtype=torch.float32, device=device)
-        self.causal_masks: dict[int, torch.Tensor] = {}
+        self.step_causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()  # the prefix layer's, a step
         self.history = None  # int64 [B, W]: the text so far, for the context chain (``hydra_fast.context``)
         if tree.context_len > 0:
             W = context.history_width(capacity, tree.max_depth)
@@ -98,9 +98,10 @@ class SpeculativeEngine:
 
     # ------------------------------------------------------------------ pieces
     def _causal(self, n: int) -> torch.Tensor:
-        if n not in self.causal_masks:
-            self.causal_masks[n] = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()
-        return self.causal_masks[n]
+        # Only the step's mask is kept: one kept per prompt length would grow device memory with every new length.
+        if n == self.step_causal.shape[0]:
+            return self.step_causal
+        return torch.ones(n, n, dtype=torch.bool, device=self.device).tril()
 
     def _forward(self, input_ids, position_ids, mask) -> torch.Tensor:
         """Backbone over N new tokens per sequence written after ``lens``. -> last hidden [B, N, d]."""

@@ -34,7 +34,10 @@ class Prompts:
     original: torch.Tensor
 
 
-def prepare_prompts(input_ids, attention_mask, pad_token_id: int) -> Prompts:
+def prepare_prompts(input_ids, attention_mask, vocab_size: int) -> Prompts:
+    """Right-padded copies of the prompts. Every real token (attention_mask 1) must be an id in [0, vocab_size):
+    checked here, before any kernel, since a bad id in an embedding lookup kills a CUDA context. Padding
+    positions may hold anything (a pad id of -1 or -100): they are never embedded."""
     if not torch.is_tensor(input_ids):
         raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
     if input_ids.dim() == 1:
@@ -56,7 +59,13 @@ def prepare_prompts(input_ids, attention_mask, pad_token_id: int) -> Prompts:
     lengths = mask.sum(-1)
     if bool((lengths == 0).any()):
         raise ValueError("a prompt in the batch is empty (its attention_mask is all zeros)")
-    right = torch.full((B, int(lengths.max())), pad_token_id, dtype=torch.long)
+    bad = mask & ((ids < 0) | (ids >= vocab_size))
+    if bool(bad.any()):
+        b, t = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"input_ids[{b}, {t}] = {int(ids[b, t])} is not a token id of this model (vocabulary size "
+                         f"{vocab_size}: ids are 0 .. {vocab_size - 1}); use the model's own tokenizer, and mark "
+                         "padding with attention_mask = 0")
+    right = torch.zeros(B, int(lengths.max()), dtype=torch.long)  # id 0 pads: its outputs are never read
     for b in range(B):
         row = ids[b][mask[b]]
         right[b, : row.numel()] = row

@@ -248,28 +248,38 @@ class DraftHeads(nn.Module):
         return out[0] if isinstance(out, tuple) else out
 
     def save_pretrained(self, directory: str | os.PathLike, max_shard_size: int | str = "15MB") -> None:
-        """config.json + safetensors weights, sharded (with an index json) above max_shard_size."""
+        """config.json + safetensors weights, sharded (with an index json) above max_shard_size.
+
+        Written to a new folder beside ``directory`` and swapped in whole (other files of an earlier save, such
+        as a model card or tree files, are kept): a crash leaves the old heads or the new ones. A folder that
+        holds something other than heads (a model's weights or config) is refused, never overwritten."""
         from huggingface_hub import split_torch_state_dict_into_shards
         from safetensors.torch import save_file
 
-        os.makedirs(directory, exist_ok=True)
-        for name in os.listdir(directory):  # stale shards of an earlier save would shadow this one
-            if name.startswith("model") and (name.endswith(".safetensors") or name == INDEX_NAME):
-                os.remove(os.path.join(directory, name))
+        from hydra_fast import safe_io
+
+        _check_heads_folder(directory)
         # own copies: safetensors refuses tensors that share storage (tied or viewed weights)
         state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self.state_dict().items()}
         split = split_torch_state_dict_into_shards(state, filename_pattern="model{suffix}.safetensors",
                                                    max_shard_size=max_shard_size)
-        for filename, names in split.filename_to_tensors.items():
-            save_file({n: state[n] for n in names}, os.path.join(directory, filename), metadata={"format": "pt"})
-        if split.is_sharded:
-            with open(os.path.join(directory, INDEX_NAME), "w") as f:
-                json.dump({"metadata": split.metadata, "weight_map": split.tensor_to_filename}, f, indent=2)
-        dtype = _dtype_name(next(iter(state.values())).dtype) if state else self.config.dtype
-        with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-            json.dump(dataclasses.replace(self.config, dtype=dtype).to_dict(), f, indent=2)
-        if self.draft_vocab_file is not None:
-            self.draft_vocab_file.save(directory)
+        new = safe_io.new_folder_beside(directory)
+        try:
+            for filename, names in split.filename_to_tensors.items():
+                save_file({n: state[n] for n in names}, new / filename, metadata={"format": "pt"})
+            if split.is_sharded:
+                with open(new / INDEX_NAME, "w") as f:
+                    json.dump({"metadata": split.metadata, "weight_map": split.tensor_to_filename}, f, indent=2)
+            dtype = _dtype_name(next(iter(state.values())).dtype) if state else self.config.dtype
+            with open(new / CONFIG_NAME, "w") as f:
+                json.dump(dataclasses.replace(self.config, dtype=dtype).to_dict(), f, indent=2)
+            if self.draft_vocab_file is not None:
+                self.draft_vocab_file.save(new)
+            # stale shards of an earlier save would shadow this one: only other files carry over
+            safe_io.swap_in_folder(new, directory, carry_over=lambda name: not _is_weights_file(name))
+        except BaseException:
+            safe_io.discard(new)
+            raise
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, base_model: nn.Module, device=None,
@@ -298,6 +308,32 @@ class DraftHeads(nn.Module):
             heads.draft_vocab_file = DraftVocabFile.load(directory, config.vocab_size)
         heads.use_draft_vocab(size)
         return heads
+
+
+def _is_weights_file(name: str) -> bool:
+    return name == CONFIG_NAME or name == INDEX_NAME or (name.startswith("model") and name.endswith(".safetensors"))
+
+
+def _check_heads_folder(directory: str | os.PathLike) -> None:
+    """HeadsCheckpointError unless ``directory`` is absent, empty of weights, or a heads folder."""
+    directory = os.fspath(directory)
+    if not os.path.exists(directory):
+        return
+    if not os.path.isdir(directory):
+        raise HeadsCheckpointError(f"{directory} is a file, not a folder: save heads into a folder")
+    config_path = os.path.join(directory, CONFIG_NAME)
+    if os.path.exists(config_path):
+        try:
+            with open(config_path) as f:
+                HeadsConfig.from_dict(json.load(f))
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise HeadsCheckpointError(f"{directory} holds a config.json that is not a heads config ({e}); "
+                                       "refusing to overwrite it: save the heads into their own folder") from None
+        return
+    weights = [n for n in os.listdir(directory) if n.endswith((".safetensors", ".bin", ".pt", ".pth", ".gguf"))]
+    if weights:
+        raise HeadsCheckpointError(f"{directory} holds weights that are not heads ({', '.join(sorted(weights)[:3])}); "
+                                   "refusing to overwrite them: save the heads into their own folder")
 
 
 def _read_weights(directory: str, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

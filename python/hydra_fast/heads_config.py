@@ -37,35 +37,63 @@ KINDS: dict[str, HeadKind] = {
 }
 
 
+SKETCH_TOLERANCE = 0.02  # bf16 / fp16 rounding moves a sketch entry by ~0.002; another model's by ~1
+
+
 @dataclass(frozen=True)
 class BaseFingerprint:
-    """What identifies the base model heads were trained for."""
+    """What identifies the base model heads were trained for.
+
+    ``lm_head_sketch``: for ~64 evenly spaced LM-head rows, the row's projection on a fixed +-1 vector over its
+    norm. It is dtype-stable (fp32, bf16 and fp16 copies of one model agree within SKETCH_TOLERANCE) and
+    compared with that tolerance. ``lm_head_digest`` (sha256 of the rows rounded to bf16) is kept for heads
+    saved before the sketch existed; it is compared only when one side has no sketch."""
 
     architecture: str
     model_type: str
     hidden_size: int
     vocab_size: int
-    lm_head_digest: str  # sha256 of ~64 evenly spaced LM-head rows, rounded to bf16 (fp32 and bf16 copies agree)
+    lm_head_digest: str
+    lm_head_sketch: tuple = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "lm_head_sketch", tuple(float(x) for x in self.lm_head_sketch))
 
     def describe(self) -> str:
         return (f"{self.architecture} ({self.model_type}) hidden {self.hidden_size} vocab {self.vocab_size} "
                 f"(lm head digest {self.lm_head_digest[:12]}..)")
 
+    def differences(self, other: BaseFingerprint) -> list[str]:
+        """Names of the fields in which ``other`` is another base model."""
+        diff = [f for f in ("architecture", "model_type", "hidden_size", "vocab_size")
+                if getattr(self, f) != getattr(other, f)]
+        a, b = self.lm_head_sketch, other.lm_head_sketch
+        if a and b:
+            if len(a) != len(b) or any(abs(x - y) > SKETCH_TOLERANCE for x, y in zip(a, b)):
+                diff.append("lm_head_sketch")
+        elif self.lm_head_digest != other.lm_head_digest:
+            diff.append("lm_head_digest")
+        return diff
+
 
 def fingerprint(base_model: nn.Module) -> BaseFingerprint:
     config = base_model.config
     weight = base_model.get_output_embeddings().weight.detach()  # [V, d]
-    V = weight.shape[0]
+    V, d = weight.shape
     rows = torch.linspace(0, V - 1, steps=min(64, V)).round().long().unique()  # [<=64]
-    sample = weight[rows.to(weight.device)].to(torch.bfloat16).to(torch.float32).cpu().contiguous()
+    sample = weight[rows.to(weight.device)].to(torch.float32).cpu()  # [<=64, d]
     digest = hashlib.sha256(repr(tuple(weight.shape)).encode())
-    digest.update(sample.numpy().tobytes())
+    digest.update(sample.to(torch.bfloat16).to(torch.float32).contiguous().numpy().tobytes())
+    signs = ((torch.arange(d, dtype=torch.float64) * 0.6180339887498949) % 1.0 < 0.5).double() * 2 - 1  # [d]
+    rows64 = sample.double()
+    sketch = (rows64 @ signs) / rows64.norm(dim=1).clamp(min=1e-30)  # [<=64]
     return BaseFingerprint(
         architecture=(config.architectures or [type(base_model).__name__])[0],
         model_type=config.model_type,
         hidden_size=int(config.get_text_config().hidden_size),
         vocab_size=int(V),
         lm_head_digest=digest.hexdigest(),
+        lm_head_sketch=tuple(round(float(x), 5) for x in sketch),
     )
 
 
@@ -108,7 +136,7 @@ class HeadsConfig:
 def check_compatible(heads: nn.Module, base_model: nn.Module, source: str = "these heads") -> None:
     """Raise HeadsMismatchError, naming the differing fields, unless heads were trained for base_model."""
     want, have = heads.config.base, fingerprint(base_model)
-    diff = [f.name for f in dataclasses.fields(BaseFingerprint) if getattr(want, f.name) != getattr(have, f.name)]
+    diff = want.differences(have)
     if diff:
         raise HeadsMismatchError(
             f"{source} were trained for {want.describe()}, but this model is {have.describe()} "

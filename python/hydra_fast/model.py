@@ -1,12 +1,15 @@
 """``HydraModel``: a stock HF causal LM plus draft heads, with a drop-in ``generate()``."""
 from __future__ import annotations
 
+import itertools
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from hydra_fast import generate as gen
+from hydra_fast import generate_args
 from hydra_fast.engine import SamplingConfig, SpeculativeEngine, StepRunner
 from hydra_fast.tree import Tree, split_context
 
@@ -27,6 +30,31 @@ def check_supported(base) -> None:
     if not hasattr(base, "base_model_prefix") or base.get_output_embeddings() is None:
         raise UnsupportedModelError(f"{type(base).__name__} is not a causal LM with an LM head "
                                     "(load it with AutoModelForCausalLM)")
+    check_placement(base)
+
+
+def check_placement(base) -> None:
+    """The whole model on one device, in plain floating-point weights: what the static engine runs."""
+    name = type(base).__name__
+    device_map = getattr(base, "hf_device_map", None) or {}
+    if len({str(d) for d in device_map.values()}) > 1:
+        raise UnsupportedModelError(
+            f"{name} is spread over {sorted({str(d) for d in device_map.values()})} by device_map: hydra_fast runs "
+            "the whole model on one device; load it without device_map and move it with .to(device)")
+    if getattr(base, "is_quantized", False) or getattr(base.config, "quantization_config", None) is not None:
+        raise UnsupportedModelError(
+            f"{name} is quantized: hydra_fast runs float32, bfloat16 or float16 weights; load the model without a "
+            "quantization_config (e.g. dtype=torch.bfloat16)")
+    tensors = list(itertools.chain(base.parameters(), base.buffers()))
+    devices = {str(t.device) for t in tensors}
+    if "meta" in devices or len(devices) > 1:
+        raise UnsupportedModelError(
+            f"{name} has weights on {sorted(devices)}: hydra_fast needs every weight loaded on one device (no "
+            "offloading, no meta tensors); move the model with .to(device)")
+    odd = sorted({str(p.dtype) for p in base.parameters() if not p.is_floating_point() or p.element_size() == 1})
+    if odd:
+        raise UnsupportedModelError(f"{name} has {', '.join(odd)} weights: hydra_fast runs float32, bfloat16 or "
+                                    "float16 models (quantized weights are not supported)")
 
 
 def _sliding_window(cfg) -> int | None:
@@ -67,6 +95,11 @@ def tree_for(tree: Tree, use_heads: bool) -> Tree:
 class HydraModel:
     """A base model and optional draft heads. ``generate`` follows HF ``generate``'s contract.
 
+    It looks like an HF model to HF tooling (``config``, ``generation_config``, ``device``, ``dtype``,
+    ``can_generate()``, ``to()``, ``eval()``, calls go to the base model): ``transformers.pipeline`` takes it.
+    Calls to ``generate`` are serialised: threads sharing one HydraModel wait for each other (the engine's
+    buffers are static); for parallel generation give each thread its own HydraModel.
+
     ``max_cache_len`` fixes the static KV cache (prompt + new tokens + the draft tree must fit);
     ``cuda_graph`` replays each step as one CUDA graph on CUDA; ``compile`` runs the step through
     ``torch.compile(fullgraph=True)`` first (fewer, fused kernels; compile time on first use);
@@ -93,8 +126,10 @@ class HydraModel:
         self.compile = compile
         self.max_batch_size = max_batch_size
         self._engine_key = None
+        self._engine_fp = None
         self._engine = None
         self._runner = None
+        self._lock = threading.RLock()
         if heads is not None:
             self._check_heads(heads)
 
@@ -134,6 +169,9 @@ class HydraModel:
         from hydra_fast.heads import check_compatible
 
         check_compatible(heads, self.base)
+        self._check_heads_placement(heads)
+
+    def _check_heads_placement(self, heads) -> None:
         weight = self.base.get_output_embeddings().weight
         for name, p in heads.named_parameters():
             if p.device != weight.device or p.dtype != weight.dtype:
@@ -149,31 +187,86 @@ class HydraModel:
         self.heads.use_draft_vocab(size)
         self._engine = self._runner = self._engine_key = None
 
+    # ------------------------------------------------------------------ the HF model surface
+    main_input_name = "input_ids"
+
     @property
     def device(self) -> torch.device:
         return self.base.get_output_embeddings().weight.device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.base.get_output_embeddings().weight.dtype
+
+    @property
+    def config(self):
+        return self.base.config
+
+    @property
+    def generation_config(self):
+        return self.base.generation_config
+
+    @generation_config.setter
+    def generation_config(self, value) -> None:
+        self.base.generation_config = value
+
+    def can_generate(self) -> bool:
+        return True
+
+    def to(self, *args, **kwargs) -> HydraModel:
+        """Move or cast the base and the heads together (the engine is rebuilt on the next call)."""
+        with self._lock:
+            self.base.to(*args, **kwargs)
+            if self.heads is not None:
+                self.heads.to(*args, **kwargs)
+        return self
+
+    def eval(self) -> HydraModel:
+        return self
+
+    def __call__(self, *args, **kwargs):
+        """A forward pass of the base model (logits, as HF models return them)."""
+        return self.base(*args, **kwargs)
+
+    # ------------------------------------------------------------------ the engine
+    def _engine_fingerprint(self) -> tuple:
+        """Where and in what the weights live: a built engine (its CUDA graph above all) is bound to these
+        storages, so any change (``base.cpu(); base.cuda()``, a dtype change, ``load_state_dict(assign=True)``,
+        replaced modules) rebuilds it. A few microseconds a parameter, once a call."""
+        modules = [self.base] if self.heads is None else [self.base, self.heads]
+        return tuple((t.data_ptr(), t.dtype, t.device) for m in modules
+                     for t in itertools.chain(m.parameters(), m.buffers()))
+
     def _get_engine(self, batch_size: int, tree: Tree, sampling: SamplingConfig, use_heads: bool):
         key = EngineKey(batch_size, tree, sampling, use_heads)
-        if key != self._engine_key:
-            self._engine = self._runner = None  # free the old cache before allocating the new one
-            heads = self.heads if use_heads else None
-            self._engine = SpeculativeEngine(self.base, heads, tree, batch_size, self.max_cache_len, sampling,
-                                             use_kernels=self.use_kernels)
-            self._runner = StepRunner(self._engine, cuda_graph=self.cuda_graph, compile=self.compile)
-            self._engine_key = key
-        return self._engine, self._runner
+        fp = self._engine_fingerprint()
+        if key == self._engine_key and fp == self._engine_fp:
+            return self._engine, self._runner
+        if fp != self._engine_fp:
+            check_placement(self.base)
+            if self.heads is not None:
+                self._check_heads_placement(self.heads)
+        # Free the old cache before allocating the new one; until the build succeeds no engine is current,
+        # so a failed build (out of memory, Ctrl-C, a bad tree) leaves the next call to build again.
+        self._engine = self._runner = self._engine_key = self._engine_fp = None
+        heads = self.heads if use_heads else None
+        with torch.inference_mode(False):  # buffers built under a caller's inference_mode would stay inference tensors
+            engine = SpeculativeEngine(self.base, heads, tree, batch_size, self.max_cache_len, sampling,
+                                       use_kernels=self.use_kernels)
+            runner = StepRunner(engine, cuda_graph=self.cuda_graph, compile=self.compile)
+        self._engine, self._runner, self._engine_key, self._engine_fp = engine, runner, key, fp
+        return engine, runner
 
     # ------------------------------------------------------------------ generate
-    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 128, eos_token_id=None,
-                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                 posterior_threshold: float = 0.09, posterior_alpha: float = 0.3, streamer=None,
-                 stopping_criteria=None, return_dict_in_generate: bool = False, tree=None,
-                 pad_token_id: int | None = None, use_heads: bool = True, context_draft: int | None = None,
-                 top_k: int = 0, acceptance: str = "exact", generator: torch.Generator | None = None,
-                 **unsupported):
+    def generate(self, input_ids=None, attention_mask=None, streamer=None, stopping_criteria=None,
+                 generation_config=None, tree=None, use_heads: bool = True, posterior_threshold: float = 0.09,
+                 posterior_alpha: float = 0.3, inputs=None, context_draft: int | None = None,
+                 acceptance: str = "exact", generator: torch.Generator | None = None, **kwargs):
         """HF-compatible generation. Greedy output equals ``base.generate(do_sample=False)``.
 
+        HF settings (``max_new_tokens``, ``max_length``, ``do_sample``, ``temperature``, ``top_p``, ``top_k``,
+        ``eos_token_id``, ``pad_token_id``, ``return_dict_in_generate``) come from the keyword arguments, then
+        ``generation_config``, then the base model's ``generation_config`` (``generate_args.py``).
         ``use_heads=False`` runs plain decoding in the same engine (the baseline). With ``do_sample``, tokens follow
         softmax(logits / temperature) restricted to ``top_k`` and then ``top_p`` exactly (``acceptance="exact"``,
         lossless rejection sampling on the tree); ``acceptance="typical"`` is the lossy typical acceptance
@@ -182,22 +275,26 @@ class HydraModel:
         ``context_draft=M`` adds a chain of M tokens found in the prompt and the text so far to the draft tree
         (with or without heads; 0: none; default: the tree's, e.g. ``tree="mc_sim_7b_63+ctx8"``).
         """
-        if unsupported:
-            raise TypeError(f"HydraModel.generate does not support {sorted(unsupported)}")
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        if do_sample and temperature <= 0:
-            raise ValueError(f"temperature must be > 0 when do_sample=True, got {temperature}")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        gcfg = getattr(self.base, "generation_config", None)
-        if eos_token_id is None and gcfg is not None:
-            eos_token_id = gcfg.eos_token_id
-        eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
-        if pad_token_id is None:
-            pad_token_id = (gcfg.pad_token_id if gcfg is not None and gcfg.pad_token_id is not None
-                            else (min(eos) if eos else 0))
-        prompts = gen.prepare_prompts(input_ids, attention_mask, pad_token_id)
+        if inputs is not None:
+            if input_ids is not None:
+                raise TypeError("pass the prompt as input_ids or as inputs, not both")
+            input_ids = inputs
+        with self._lock:
+            return self._generate(input_ids, attention_mask, streamer, stopping_criteria, generation_config, tree,
+                                  use_heads, posterior_threshold, posterior_alpha, context_draft, acceptance,
+                                  generator, kwargs)
+
+    def _generate(self, input_ids, attention_mask, streamer, stopping_criteria, generation_config, tree,
+                  use_heads, posterior_threshold, posterior_alpha, context_draft, acceptance, generator, kwargs):
+        if input_ids is None:
+            raise TypeError("generate needs the prompt: input_ids (a [batch, length] tensor of token ids)")
+        prompt_len = int(input_ids.shape[-1]) if torch.is_tensor(input_ids) else 0
+        args = generate_args.resolve(kwargs, generation_config, getattr(self.base, "generation_config", None),
+                                     prompt_len)
+        eos = set(args.eos_token_ids)
+        pad_token_id = args.pad_token_id if args.pad_token_id is not None else (min(eos) if eos else 0)
+        vocab = self.base.get_input_embeddings().weight.shape[0]
+        prompts = gen.prepare_prompts(input_ids, attention_mask, vocab)
         B = prompts.ids.shape[0]
         if B > self.max_batch_size:
             raise ValueError(f"batch size {B} is over this model's max_batch_size {self.max_batch_size}: split "
@@ -206,24 +303,33 @@ class HydraModel:
             raise ValueError("streamers support batch size 1 only, as in HF generate")
         use_heads = use_heads and self.heads is not None
         tree_obj = tree_for(Tree.from_choices(resolve_tree(tree, None, self.device)) if tree is not None
-                             else self.default_tree, use_heads)
+                            else self.default_tree, use_heads)
         if context_draft is not None:
             tree_obj = tree_obj.with_context(context_draft)
+        if use_heads and tree_obj.heads_depth > len(self.heads.heads):
+            raise ValueError(f"the tree is {tree_obj.heads_depth} deep but these heads draft {len(self.heads.heads)} "
+                             "levels: pass a tree no deeper than the number of heads")
+        max_new_tokens = args.max_new_tokens
         need = int(prompts.lengths.max()) + max_new_tokens + tree_obj.num_nodes
         if need > self.max_cache_len:
             raise ValueError(
                 f"prompt ({int(prompts.lengths.max())} tokens) + max_new_tokens ({max_new_tokens}) + draft tree "
                 f"({tree_obj.num_nodes} nodes) = {need} is over the cache capacity max_cache_len="
                 f"{self.max_cache_len}: shorten the prompt, lower max_new_tokens or pass a larger max_cache_len")
-        sampling = SamplingConfig(do_sample, float(temperature), posterior_threshold, posterior_alpha, float(top_p),
-                                  top_k=top_k, acceptance=acceptance) if do_sample else SamplingConfig()
+        sampling = SamplingConfig(True, args.temperature, posterior_threshold, posterior_alpha, args.top_p,
+                                  top_k=args.top_k, acceptance=acceptance) if args.do_sample else SamplingConfig()
+        if isinstance(stopping_criteria, (list, tuple)):
+            from transformers import StoppingCriteriaList
+
+            stopping_criteria = StoppingCriteriaList(stopping_criteria)
         engine, runner = self._get_engine(B, tree_obj, sampling, use_heads)
-        if do_sample:
+        if args.do_sample:
             engine.reseed(gen.seed_from(generator))
         sink = gen.TokenSink(prompts, max_new_tokens, eos, stopping_criteria, streamer)
-        step_times = gen.run(engine, runner, prompts, sink)
+        with torch.inference_mode(False):
+            step_times = gen.run(engine, runner, prompts, sink)
         sequences = sink.sequences(pad_token_id).to(input_ids.device)
-        if not return_dict_in_generate:
+        if not args.return_dict_in_generate:
             return sequences
         return gen.HydraGenerateOutput(sequences=sequences, accept_lengths=sink.accept_lengths,
                                        step_times=step_times)

@@ -38,14 +38,32 @@ def build_info() -> dict:
 
 
 def has_kernels(device: torch.device | str) -> bool:
-    """True when the compiled extension has kernels for ``device`` (cpu always, cuda if built with CUDA)."""
+    """True when the compiled extension has kernels for ``device``: cpu always; cuda if it was built with CUDA
+    for this GPU's architecture (else False, with one warning: the reference ops run instead)."""
     device = torch.device(device)
     ext = _extension()
     if ext is None:
         return False
     if device.type == "cpu":
         return True
-    return device.type == "cuda" and bool(ext.build_info()["cuda"])
+    info = ext.build_info()
+    if device.type != "cuda" or not info["cuda"]:
+        return False
+    major, minor = torch.cuda.get_device_capability(device)
+    return _built_for_arch(f"{major}{minor}", str(info.get("cuda_archs", "")))
+
+
+def _built_for_arch(arch: str, built: str) -> bool:
+    """Whether the CMake architecture list ``built`` ("90", "80,90", "90a", "90-real") has code for ``arch``."""
+    archs = {a.split("-")[0].rstrip("af") for a in built.replace(";", ",").split(",") if a}
+    if arch in archs:
+        return True
+    import warnings
+
+    warnings.warn(f"hydra_fast._C has CUDA kernels for sm_{', sm_'.join(sorted(archs)) or '(none)'} only, not for "
+                  f"this GPU (sm_{arch}): using the pure-PyTorch reference ops. Rebuild with "
+                  f"HYDRA_FAST_CUDA_ARCHS=\"{';'.join(sorted(archs | {arch}))}\" for kernels on it", stacklevel=3)
+    return False
 
 
 def implementation(device: torch.device | str, prefer_kernels: bool = True):

@@ -86,7 +86,10 @@ class TreeChoice:
         return 1e3 * self.expected_tokens / self.step_ms
 
     def save(self, path) -> None:
-        Path(path).write_text(json.dumps({"format": FORMAT, **asdict(self)}, indent=1))
+        """Written beside ``path`` and renamed over it: an interrupted save leaves the old file whole."""
+        from hydra_fast.safe_io import write_text_atomic
+
+        write_text_atomic(path, json.dumps({"format": FORMAT, **asdict(self)}, indent=1))
 
 
 def load_tree(path) -> list[list[int]]:
@@ -104,7 +107,7 @@ def load_tree(path) -> list[list[int]]:
 def _prefilled(model, ids: torch.Tensor, tree: Tree):
     # the root-only tree is timed as plain decoding (no heads run at all)
     engine, runner = model._get_engine(1, tree, SamplingConfig(), use_heads=tree.num_nodes > 1)
-    prompts = gen.prepare_prompts(ids, None, pad_token_id=0)  # one prompt: nothing is padded
+    prompts = gen.prepare_prompts(ids, None, model.base.get_input_embeddings().weight.shape[0])
     engine.prefill(prompts.ids.to(engine.device), prompts.lengths)
     return engine, runner, int(prompts.lengths[0])
 

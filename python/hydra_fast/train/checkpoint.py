@@ -1,20 +1,22 @@
-"""Training checkpoints: one ``state.pt`` (heads, optimizers, step, data cursor, RNG) and a
-``checkpoint.json`` that identifies it (format, kinds and head shapes, base fingerprint, data digest, size,
-sha256). Loading checks all of them first, so a truncated file or one written for other heads, another base
+"""Training checkpoints: one state file (heads, optimizers, step, data cursor, RNG) and a
+``checkpoint.json`` that names and identifies it (format, kinds and head shapes, base fingerprint, data digest,
+size, sha256). Loading checks all of them first, so a truncated file or one written for other heads, another base
 model or other data is a clear error rather than a silently wrong resume."""
 from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 
 import torch
 
+from hydra_fast.heads_config import BaseFingerprint
 from hydra_fast.hub import sha256_file
 from hydra_fast.train.dataset import write_json_atomic
 
 FORMAT = "hydra_fast.train-checkpoint/1"
-STATE = "state.pt"
+STATE = "state.pt"  # the state file of checkpoints whose json names none
 META = "checkpoint.json"
 
 
@@ -31,14 +33,21 @@ def exists(directory: str | os.PathLike) -> bool:
 
 
 def save(directory: str | os.PathLike, state: dict, meta: dict) -> None:
-    """Write atomically: the state file first, then the json that vouches for it."""
+    """Crash-safe: the state goes to a new file of its own, then ``checkpoint.json`` (replaced atomically)
+    names it, then the previous state file is deleted. At every moment the json vouches for a whole file."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    tmp = d / (STATE + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, d / STATE)
-    write_json_atomic(d / META, {"format": FORMAT, **meta, "bytes": (d / STATE).stat().st_size,
-                                 "sha256": sha256_file(d / STATE)})
+    name = f"state-{meta.get('step', 0)}-{uuid.uuid4().hex[:8]}.pt"
+    try:
+        torch.save(state, d / name)
+        write_json_atomic(d / META, {"format": FORMAT, **meta, "state": name, "bytes": (d / name).stat().st_size,
+                                     "sha256": sha256_file(d / name)})
+    except BaseException:
+        (d / name).unlink(missing_ok=True)
+        raise
+    for stale in d.glob("state*.pt"):  # the previous state, and any a crash left unreferenced
+        if stale.name != name:
+            stale.unlink(missing_ok=True)
 
 
 def _describe(heads: dict) -> str:
@@ -49,7 +58,7 @@ def _describe(heads: dict) -> str:
 def load(directory: str | os.PathLike, expect: dict, map_location="cpu") -> dict:
     """The state of a checkpoint whose meta agrees with ``expect`` (keys: heads, base, data)."""
     d = Path(directory)
-    meta_path, state_path = d / META, d / STATE
+    meta_path = d / META
     try:
         with open(meta_path) as f:
             meta = json.load(f)
@@ -59,13 +68,17 @@ def load(directory: str | os.PathLike, expect: dict, map_location="cpu") -> dict
         raise CheckpointError(f"{meta_path}: unreadable ({type(e).__name__}: {e})") from e
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    state_name = str(meta.get("state", STATE))
+    if Path(state_name).name != state_name:
+        raise CheckpointError(f"{meta_path}: state file {state_name!r} is not a file name in {d}")
+    state_path = d / state_name
     if meta.get("heads") != expect["heads"]:
         raise CheckpointMismatchError(
             f"{d}: the checkpoint trains {_describe(meta.get('heads', {}))}, but this run asks for "
             f"{_describe(expect['heads'])}; use another output directory or the same kinds and head shapes")
-    if meta.get("base") != expect["base"]:
-        have, want = meta.get("base", {}), expect["base"]
-        diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+    have, want = meta.get("base", {}), expect["base"]
+    diff = BaseFingerprint(**have).differences(BaseFingerprint(**want)) if have else ["base"]
+    if diff:
         raise CheckpointMismatchError(f"{d}: the checkpoint was trained on another base model ({', '.join(diff)} "
                                       f"differ: {have.get('architecture')} vocab {have.get('vocab_size')} vs "
                                       f"{want.get('architecture')} vocab {want.get('vocab_size')})")

@@ -13,7 +13,6 @@ until the GPU is busy.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -23,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from hydra_fast.heads import fingerprint
+from hydra_fast import safe_io
+from hydra_fast.heads import BaseFingerprint, fingerprint
 from hydra_fast.hub import sha256_file
 from hydra_fast.train import sources as src
 from hydra_fast.train.dataset import (FORMAT, MANIFEST, PROMPTS, DataError, DataMismatchError, check_base,
@@ -185,24 +185,18 @@ def _check_resume(manifest: dict, fresh: dict, directory: Path) -> None:
     # recipe fields added since a manifest was written count as their defaults
     old = {**manifest, "recipe": {**dataclasses.asdict(BuildConfig()), **manifest.get("recipe", {}),
                                   "sources": manifest.get("recipe", {}).get("sources")}}
-    diff = [k for k in keys if old.get(k) != fresh[k]]
+    diff = [k for k in keys if k != "base" and old.get(k) != fresh[k]]
+    if "base" not in old or BaseFingerprint(**old["base"]).differences(BaseFingerprint(**fresh["base"])):
+        diff.insert(0, "base")
     if manifest.get("format") != FORMAT or diff:
         raise DataMismatchError(
             f"{directory / MANIFEST} was written for another build ({', '.join(diff) or 'format'} differ"
             f"{': another base model' if 'base' in diff else ''}); use a new output directory, or --overwrite")
 
 
-@contextlib.contextmanager
 def _locked(directory: Path):
     """An exclusive lock on the data directory's manifest, held across read-modify-write by any worker."""
-    import fcntl
-
-    with open(directory / ".manifest.lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return safe_io.locked(directory / ".manifest.lock")
 
 
 def build(base_model, tokenizer, directory, config: BuildConfig = BuildConfig(), mt_bench=None,

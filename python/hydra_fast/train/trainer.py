@@ -31,6 +31,9 @@ from hydra_fast.train.losses import STATS, HeadsObjective, make_targets
 from hydra_fast.train.metrics import MetricsLog
 
 
+MAX_NONFINITE = 10  # consecutive skipped updates before a head set is dropped
+
+
 def kind_dirname(kind: str) -> str:
     """Folder name of a head set: hydra++ -> hydra_pp (the layout of hydra_fast.default_heads_path)."""
     return kind.replace("++", "_pp")
@@ -55,6 +58,7 @@ class HeadSet:
     stats: torch.Tensor  # [H, len(STATS)] sums since the last log, on the device (no per-step host sync)
     loss_sum: torch.Tensor  # [] on the device
     failed: str | None = None
+    nonfinite: int = 0  # steps skipped in a row for a non-finite loss or gradient
 
     @property
     def heads(self) -> DraftHeads:
@@ -190,12 +194,30 @@ class Trainer:
                 s.stats += stats
                 s.loss_sum += loss / accum
         for s in self.active:
+            grads = [p.grad for p in s.objective.parameters() if p.grad is not None]
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) \
+                if grads else torch.zeros((), device=self.device)
+            if du.any_true(not bool(torch.isfinite(norm)), self.dist, self.device):
+                self._skip_nonfinite(s)
+                continue
+            s.nonfinite = 0
             if self.config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(s.objective.parameters(), self.config.grad_clip)
             for group in s.optimizer.param_groups:
                 group["lr"] = s.recipe.lr * lr_mult
             s.optimizer.step()
             s.optimizer.zero_grad(set_to_none=True)
+
+    def _skip_nonfinite(self, s: HeadSet) -> None:
+        """A non-finite loss or gradient: skip the update (the heads keep their finite weights); after
+        MAX_NONFINITE such steps in a row the set is dropped, never saved with NaN weights."""
+        s.optimizer.zero_grad(set_to_none=True)
+        s.nonfinite += 1
+        print(f"hydra_fast.train: {s.recipe.kind}: non-finite loss or gradient at step {self.step}, update skipped "
+              f"({s.nonfinite} in a row)", file=sys.stderr)
+        if s.nonfinite >= MAX_NONFINITE:
+            self._fail(s, f"{s.recipe.kind}: non-finite loss or gradients for {MAX_NONFINITE} steps in a row; "
+                          "lower --lr or check the data")
 
     def _fail(self, s: HeadSet, message: str) -> None:
         s.failed = message.strip().splitlines()[-1]
@@ -322,6 +344,10 @@ class Trainer:
         dtype = getattr(torch, self.config.save_dtype)
         for s in self.active:
             target = self.out / kind_dirname(s.recipe.kind)
+            bad = [n for n, p in s.heads.named_parameters() if not bool(torch.isfinite(p).all())]
+            if bad:
+                self._fail(s, f"{s.recipe.kind}: non-finite weights in {bad[:3]}; not saved")
+                continue
             try:
                 copy = DraftHeads(s.heads.config, self.base.config)
                 copy.load_state_dict(s.heads.state_dict())
