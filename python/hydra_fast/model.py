@@ -62,12 +62,15 @@ class HydraModel:
     ``max_cache_len`` fixes the static KV cache (prompt + new tokens + the draft tree must fit);
     ``cuda_graph`` replays each step as one CUDA graph on CUDA; ``compile`` runs the step through
     ``torch.compile(fullgraph=True)`` first (fewer, fused kernels; compile time on first use);
-    ``use_kernels`` picks the compiled ops (else the pure-PyTorch reference ops).
+    ``use_kernels`` picks the compiled ops (else the pure-PyTorch reference ops); ``fast`` (default) runs the base's
+    decoder layers as fused ops (``fastpath.py``: its q/k/v and gate/up weights become views of fused buffers, so
+    memory does not grow) when every layer is one the fast path reproduces, else the HF modules
+    (``fast_path_reason`` says why).
     """
 
     def __init__(self, base, heads=None, tree="mc_sim_7b_63", max_cache_len: int | None = None,
                  use_kernels: bool = True, cuda_graph: bool = True, max_batch_size: int = 8,
-                 compile: bool = False):
+                 compile: bool = False, fast: bool = True):
         check_supported(base)
         self.base = base.eval()
         self.heads = heads.eval() if heads is not None else None
@@ -84,6 +87,10 @@ class HydraModel:
         self.use_kernels = use_kernels
         self.cuda_graph = cuda_graph
         self.compile = compile
+        self.fast = fast
+        self._fused = None
+        self._fast_checked = False
+        self.fast_path_reason = "" if fast else "fast=False"
         self.max_batch_size = max_batch_size
         self._engine_key = None
         self._engine = None
@@ -94,7 +101,7 @@ class HydraModel:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_pretrained(cls, base, heads=None, tree="auto", max_cache_len=None, use_kernels=True,
-                        cuda_graph=True, compile=False, **hf_kwargs):
+                        cuda_graph=True, compile=False, fast=True, **hf_kwargs):
         """``base``: a loaded HF causal LM or a local path; ``heads``: a local heads directory or None.
 
         ``tree``: a preset name, a list of rank lists, a tree file (``hydra-fast calibrate``), or "auto": the
@@ -113,7 +120,7 @@ class HydraModel:
             tree = resolve_tree(tree, Path(heads), weight.device)
             heads = DraftHeads.from_pretrained(str(heads), base, device=weight.device, dtype=weight.dtype)
         return cls(base, heads, tree=tree, max_cache_len=max_cache_len, use_kernels=use_kernels,
-                   cuda_graph=cuda_graph, compile=compile)
+                   cuda_graph=cuda_graph, compile=compile, fast=fast)
 
     def _check_heads(self, heads) -> None:
         from hydra_fast.heads import check_compatible
@@ -130,13 +137,28 @@ class HydraModel:
     def device(self) -> torch.device:
         return self.base.get_output_embeddings().weight.device
 
+    def _fused_decoder(self):
+        """The base's layers as fused ops (built on first use; rebuilt when the base's weights were replaced),
+        or None when ``fast`` is off or the layers are not ones the fast path reproduces (see
+        ``fast_path_reason``)."""
+        if not self.fast or (self._fused is None and self._fast_checked):
+            return None
+        if self._fused is None or not self._fused.is_current():
+            from hydra_fast.fastpath import FusedDecoder
+
+            self._fused, self.fast_path_reason = FusedDecoder.build(self.base)
+            self._fast_checked = True
+            self._engine_key = None  # a new decoder: the engine (and its captured graph) must be rebuilt
+        return self._fused
+
     def _get_engine(self, batch_size: int, tree: Tree, sampling: SamplingConfig, use_heads: bool):
+        fused = self._fused_decoder()
         key = EngineKey(batch_size, tree, sampling, use_heads)
         if key != self._engine_key:
             self._engine = self._runner = None  # free the old cache before allocating the new one
             heads = self.heads if use_heads else None
             self._engine = SpeculativeEngine(self.base, heads, tree, batch_size, self.max_cache_len, sampling,
-                                             use_kernels=self.use_kernels)
+                                             use_kernels=self.use_kernels, fused=fused)
             self._runner = StepRunner(self._engine, cuda_graph=self.cuda_graph, compile=self.compile)
             self._engine_key = key
         return self._engine, self._runner
