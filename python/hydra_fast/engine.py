@@ -17,6 +17,7 @@ from hydra_fast import context, ops
 from hydra_fast.attention import TreeAttention, register, use_tree_attention
 from hydra_fast.cache import TreeKVCache
 from hydra_fast.compat import cache_kwarg
+from hydra_fast.fastpath import FusedDecoder, FusedLayer, NotFusable
 from hydra_fast.sampling import filter_logits, inverse_cdf, target_probs, top_p_filter  # noqa: F401
 from hydra_fast.tree import Tree
 
@@ -55,7 +56,10 @@ def rows_at(seq: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 class SpeculativeEngine:
     def __init__(self, base, heads, tree: Tree, batch_size: int, capacity: int,
-                 sampling: SamplingConfig = SamplingConfig(), use_kernels: bool = True):
+                 sampling: SamplingConfig = SamplingConfig(), use_kernels: bool = True,
+                 fused: FusedDecoder | None = None):
+        """``fused``: the base's layers as fused ops (``fastpath.FusedDecoder.build``); None runs the HF modules.
+        With it, the Hydra++ prefix layer runs fused too (from a copy of its weights made here)."""
         self.base = base
         self.heads = heads
         self.tree = tree
@@ -77,8 +81,15 @@ class SpeculativeEngine:
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         self.batch_size, self.capacity = batch_size, capacity
         self.cache = TreeKVCache(cfg.num_hidden_layers, batch_size, kv_heads, head_dim, capacity, dtype, device)
+        self.fused = fused
+        self.fused_prefix = None
         self.prefix_cache = None
         if heads is not None and heads.prefix_layer is not None:
+            if fused is not None:
+                try:
+                    self.fused_prefix = FusedLayer.build(heads.prefix_layer, cfg, inplace=False)
+                except NotFusable:
+                    self.fused_prefix = None
             self.prefix_cache = TreeKVCache(1, batch_size, kv_heads, head_dim, capacity, dtype, device,
                                             lens=self.cache.lens)
         B, L = batch_size, self.bufs.paths.shape[1]
@@ -105,6 +116,8 @@ class SpeculativeEngine:
 
     def _forward(self, input_ids, position_ids, mask) -> torch.Tensor:
         """Backbone over N new tokens per sequence written after ``lens``. -> last hidden [B, N, d]."""
+        if self.fused is not None:
+            return self.fused.forward(input_ids, position_ids, self.cache, mask, self.impl)
         ctx = TreeAttention(self.cache.lens, mask, self.impl)
         with use_tree_attention(self.base):
             out = self.backbone(input_ids=input_ids, position_ids=position_ids, use_cache=True,
@@ -114,8 +127,10 @@ class SpeculativeEngine:
     def _prefix(self, hidden, position_ids) -> torch.Tensor:
         """Hydra++ prefix layer over base hidden states [B, T, d] (causal, own KV cache) -> [B, T, d]."""
         T = hidden.shape[1]
-        ctx = TreeAttention(self.cache.lens, self._causal(T), self.impl)
         pos_emb = self.backbone.rotary_emb(hidden, position_ids)
+        if self.fused_prefix is not None:
+            return self.fused_prefix.forward(hidden, *pos_emb, self.prefix_cache, 0, self._causal(T), self.impl)
+        ctx = TreeAttention(self.cache.lens, self._causal(T), self.impl)
         with use_tree_attention(self.base):
             out = self.heads.prefix_layer(hidden, attention_mask=None, position_ids=position_ids, use_cache=True,
                                           position_embeddings=pos_emb, hydra_tree=ctx,

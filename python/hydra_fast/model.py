@@ -103,12 +103,15 @@ class HydraModel:
     ``max_cache_len`` fixes the static KV cache (prompt + new tokens + the draft tree must fit);
     ``cuda_graph`` replays each step as one CUDA graph on CUDA; ``compile`` runs the step through
     ``torch.compile(fullgraph=True)`` first (fewer, fused kernels; compile time on first use);
-    ``use_kernels`` picks the compiled ops (else the pure-PyTorch reference ops).
+    ``use_kernels`` picks the compiled ops (else the pure-PyTorch reference ops); ``fast`` (default) runs the base's
+    decoder layers as fused ops (``fastpath.py``: its q/k/v and gate/up weights become views of fused buffers, so
+    memory does not grow) when every layer is one the fast path reproduces, else the HF modules
+    (``fast_path_reason`` says why).
     """
 
     def __init__(self, base, heads=None, tree="mc_sim_7b_63", max_cache_len: int | None = None,
                  use_kernels: bool = True, cuda_graph: bool = True, max_batch_size: int = 8,
-                 compile: bool = False):
+                 compile: bool = False, fast: bool = True):
         check_supported(base)
         self.base = base.eval()
         self.heads = heads.eval() if heads is not None else None
@@ -124,6 +127,10 @@ class HydraModel:
         self.use_kernels = use_kernels
         self.cuda_graph = cuda_graph
         self.compile = compile
+        self.fast = fast
+        self._fused = None
+        self._fast_checked = False
+        self.fast_path_reason = "" if fast else "fast=False"
         self.max_batch_size = max_batch_size
         self._engine_key = None
         self._engine_fp = None
@@ -136,7 +143,7 @@ class HydraModel:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_pretrained(cls, base, heads=None, tree="auto", max_cache_len=None, use_kernels=True,
-                        cuda_graph=True, compile=False, draft_vocab: int | None = None, **hf_kwargs):
+                        cuda_graph=True, compile=False, draft_vocab: int | None = None, fast=True, **hf_kwargs):
         """``base``: a loaded HF causal LM or a local path; ``heads``: a local heads directory or None.
 
         ``draft_vocab``: draft from the heads folder's N most frequent tokens (0: full vocabulary; None: the
@@ -163,7 +170,7 @@ class HydraModel:
         elif draft_vocab is not None and heads is not None:
             heads.use_draft_vocab(draft_vocab)
         return cls(base, heads, tree=tree, max_cache_len=max_cache_len, use_kernels=use_kernels,
-                   cuda_graph=cuda_graph, compile=compile)
+                   cuda_graph=cuda_graph, compile=compile, fast=fast)
 
     def _check_heads(self, heads) -> None:
         from hydra_fast.heads import check_compatible
@@ -237,7 +244,23 @@ class HydraModel:
         return tuple((t.data_ptr(), t.dtype, t.device) for m in modules
                      for t in itertools.chain(m.parameters(), m.buffers()))
 
+    def _fused_decoder(self):
+        """The base's layers as fused ops (built on first use; rebuilt when the base's weights were replaced),
+        or None when ``fast`` is off or the layers are not ones the fast path reproduces (see
+        ``fast_path_reason``)."""
+        if not self.fast or (self._fused is None and self._fast_checked):
+            return None
+        if self._fused is None or not self._fused.is_current():
+            from hydra_fast.fastpath import FusedDecoder
+
+            with torch.inference_mode(False):  # the fused buffers become the base's parameters' storage
+                self._fused, self.fast_path_reason = FusedDecoder.build(self.base)
+            self._fast_checked = True
+            self._engine_key = None  # a new decoder: the engine (and its captured graph) must be rebuilt
+        return self._fused
+
     def _get_engine(self, batch_size: int, tree: Tree, sampling: SamplingConfig, use_heads: bool):
+        fused = self._fused_decoder()
         key = EngineKey(batch_size, tree, sampling, use_heads)
         fp = self._engine_fingerprint()
         if key == self._engine_key and fp == self._engine_fp:
@@ -252,7 +275,7 @@ class HydraModel:
         heads = self.heads if use_heads else None
         with torch.inference_mode(False):  # buffers built under a caller's inference_mode would stay inference tensors
             engine = SpeculativeEngine(self.base, heads, tree, batch_size, self.max_cache_len, sampling,
-                                       use_kernels=self.use_kernels)
+                                       use_kernels=self.use_kernels, fused=fused)
             runner = StepRunner(engine, cuda_graph=self.cuda_graph, compile=self.compile)
         self._engine, self._runner, self._engine_key, self._engine_fp = engine, runner, key, fp
         return engine, runner
