@@ -360,6 +360,8 @@ inline void check_rope_kv_write(const at::Tensor& qkv, const at::Tensor& cos, co
   c::last_dim_contiguous(op, "sin", sin);
   c::last_dim_contiguous(op, "k_cache", k_cache);
   c::last_dim_contiguous(op, "v_cache", v_cache);
+}
+
 // probs float32 [B, N, V], candidates int64 [B, N], first_child / next_sibling int64 [N], uniform float32 [B, N],
 // max_depth >= 0.
 inline void check_accept_sample(const at::Tensor& probs, const at::Tensor& candidates, const at::Tensor& first_child,
