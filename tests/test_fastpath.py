@@ -12,6 +12,7 @@ from hydra_fast.heads import DraftHeads
 from hydra_fast.model import HydraModel
 from hydra_fast.tree import Tree
 
+from conftest import DEVICES
 from test_engine import FAMILIES, KINDS, V, hf_greedy, perturbed_heads, tiny
 
 IMPLS = [pytest.param(False, id="reference"),
@@ -33,24 +34,25 @@ def run_forward(engine: SpeculativeEngine, ids, pos, mask):
     return hidden, engine.cache.k.clone(), engine.cache.v.clone()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("use_kernels", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_fused_forward_matches_hf_modules(family, use_kernels, dtype):
+def test_fused_forward_matches_hf_modules(device, family, use_kernels, dtype):
     """Prefill then a tree forward over the cache: hidden states and every cached K/V as the HF modules'."""
-    base = tiny(family).to(dtype)
+    base = tiny(family).to(device=device, dtype=dtype)
     fused, why = FusedDecoder.build(base)
     assert fused is not None, why
     tree = Tree.from_choices("mc_sim_7b_63")
     engines = [SpeculativeEngine(base, None, tree, 2, 96, use_kernels=use_kernels, fused=f) for f in (None, fused)]
     gen = torch.Generator().manual_seed(3)
     T, N = 13, tree.num_nodes
-    prompt = torch.randint(0, V, (2, T), generator=gen)
-    nodes = torch.randint(0, V, (2, N), generator=gen)
+    prompt = torch.randint(0, V, (2, T), generator=gen).to(device)
+    nodes = torch.randint(0, V, (2, N), generator=gen).to(device)
     outs = []
     for engine in engines:
         engine.cache.reset()
-        pos = torch.arange(T).view(1, T).expand(2, T)
+        pos = torch.arange(T, device=device).view(1, T).expand(2, T)
         h1 = run_forward(engine, prompt, pos, engine._causal(T))
         engine.cache.lens.copy_(torch.tensor([T, T - 4], dtype=torch.int32))  # ragged lengths
         tree_pos = engine.cache.lens.long().view(2, 1) + engine.bufs.depth.view(1, -1)
