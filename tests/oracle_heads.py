@@ -25,6 +25,7 @@ class OracleHeads(torch.nn.Module):
         continuation; give a few tokens more than will be generated). wrong_after: an int or one per row."""
         super().__init__()
         self.real = real_heads
+        self.heads = real_heads.heads
         self.prefix_layer = real_heads.prefix_layer
         self.config = real_heads.config
         rows = [list(map(int, s)) for s in sequences]

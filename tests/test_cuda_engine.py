@@ -96,6 +96,7 @@ def test_batch_in_a_graph_with_padding(side):
 def test_one_graph_replays_across_prompts_and_cache_lengths(monkeypatch):
     # one capture, then replays at whatever cache length each prompt and step leaves: lengths live on the device
     base = tiny_cuda("mistral")
+    base.generation_config.eos_token_id = None  # random weights: run every prompt to max_new_tokens, as HF below
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, V, (1, n), generator=g).cuda() for n in (3, 40, 17, 90)]
     news = (60, 7, 33, 100)
@@ -149,7 +150,8 @@ def test_bf16_differs_from_hf_only_at_near_ties(kind):
         ids = torch.randint(0, V, (1, 13), generator=g).cuda()
         out = model.generate(ids, max_new_tokens=64)[0]
         ref = hf_greedy(base, ids, 64)[0]
-        diff = (out != ref).nonzero()
+        n = min(out.numel(), ref.numel())  # a near-tie can pick an end token the other run did not
+        diff = (out[:n] != ref[:n]).nonzero()
         if diff.numel() == 0:
             continue
         i = int(diff[0])

@@ -537,7 +537,7 @@ def test_sampling_arguments_are_checked(tiny_lm):
     ids = torch.tensor([PROMPT])
     with pytest.raises(ValueError, match="acceptance must be one of exact, typical"):
         model.generate(ids, max_new_tokens=4, do_sample=True, acceptance="lossy")
-    with pytest.raises(ValueError, match="top_k must be an int >= 0"):
+    with pytest.raises(ValueError, match="top_k must be"):
         model.generate(ids, max_new_tokens=4, do_sample=True, top_k=-1)
 
 

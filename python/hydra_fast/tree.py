@@ -215,7 +215,12 @@ class Tree:
         sampling tries them, ``accept_sample``)."""
         N, parents = self.num_nodes, self.parents
         first, nxt = [-1] * N, [-1] * N
-        for c in sorted(range(1, N), key=lambda c: self.nodes[c][-1], reverse=True):
+        heads_nodes = len(self.nodes)  # context-chain nodes come after: tried after the heads' children
+
+        def rank(c: int) -> float:
+            return self.nodes[c][-1] if c < heads_nodes else float("inf")
+
+        for c in sorted(range(1, N), key=rank, reverse=True):
             nxt[c], first[parents[c]] = first[parents[c]], c  # prepend: highest rank first, so rank 0 ends first
         return {"first_child": torch.tensor(first, dtype=torch.long, device=device),
                 "next_sibling": torch.tensor(nxt, dtype=torch.long, device=device)}
