@@ -113,7 +113,8 @@ def _check_args(args) -> None:
         raise UsageError(f"--device {args.device}: {why}; pass --device cpu")
     for flag, value in (("--model", args.model), ("--heads", None if args.heads == "none" else args.heads)):
         if value is not None and not Path(value).is_dir():
-            raise UsageError(f"{flag} {value}: no such folder (pass a local folder{', or none' if flag == '--heads' else ''})")
+            alternative = ", or none" if flag == "--heads" else ""
+            raise UsageError(f"{flag} {value}: no such folder (pass a local folder{alternative})")
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
 

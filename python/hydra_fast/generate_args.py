@@ -94,8 +94,9 @@ def resolve(kwargs: dict, generation_config=None, base_config=None, prompt_len: 
         ignored = {k: v for k, v in _unsupported(_settings(base_config), defaults).items()
                    if getattr(merged, k, None) is None and k not in kwargs}
         if ignored:
-            warnings.warn(f"the base model's generation_config sets {', '.join(f'{k}={v!r}' for k, v in sorted(ignored.items()))}"
-                          ", which hydra_fast does not apply (greedy or sampled decoding only)", stacklevel=3)
+            listed = ", ".join(f"{k}={v!r}" for k, v in sorted(ignored.items()))
+            warnings.warn(f"the base model's generation_config sets {listed}, which hydra_fast does not apply "
+                          "(greedy or sampled decoding only)", stacklevel=3)
         merged.update(**base_config.to_dict(), defaults_only=True)
     given = {k: v for k, v in kwargs.items() if k in SUPPORTED and v is not None}
     for k, v in given.items():

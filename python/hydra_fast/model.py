@@ -329,9 +329,10 @@ class HydraModel:
                             else self.default_tree, use_heads)
         if context_draft is not None:
             tree_obj = tree_obj.with_context(context_draft)
-        if use_heads and tree_obj.heads_depth > len(self.heads.heads):
-            raise ValueError(f"the tree is {tree_obj.heads_depth} deep but these heads draft {len(self.heads.heads)} "
-                             "levels: pass a tree no deeper than the number of heads")
+        depth, drafted = tree_obj.heads_depth, self.heads.config.num_heads if use_heads else 0
+        if use_heads and depth > drafted:
+            raise ValueError(f"the tree is {depth} deep but these heads draft {drafted} levels: pass a tree no "
+                             "deeper than the number of heads")
         max_new_tokens = args.max_new_tokens
         need = int(prompts.lengths.max()) + max_new_tokens + tree_obj.num_nodes
         if need > self.max_cache_len:
