@@ -139,7 +139,10 @@ def split_pass(m: Method, heads, base, args, tree, max_cache_len, prompts, devic
 
     t = tree_for(Tree.from_choices(tree), heads is not None)
     sampling = SamplingConfig(do_sample=True, temperature=args.temperature) if args.do_sample else SamplingConfig()
-    engine = SpeculativeEngine(base, heads, t, 1, max_cache_len, sampling, use_kernels=not args.reference_ops)
+    model = m.info.get("model")
+    fused = model._fused_decoder() if model is not None else None  # the method's own base forward (fast or HF)
+    engine = SpeculativeEngine(base, heads, t, 1, max_cache_len, sampling, use_kernels=not args.reference_ops,
+                               fused=fused)
     cuda = device.type == "cuda"
     one = EventTimed(StepRunner(engine, cuda_graph=cuda and not args.no_cuda_graph), device)
     phased = SplitRecorder(PhasedStepRunner(engine) if cuda else EagerPhasedRunner(engine))
