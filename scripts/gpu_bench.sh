@@ -15,7 +15,8 @@
 #
 # Environment: MAX_JOBS (build jobs, default 16), HYDRA_FAST_CUDA_ARCHS (default 90), CXX / CUDAHOSTCXX
 # (compilers), HYDRA_FAST_COMMIT (the commit to record where the checkout has no .git), NUM_PROMPTS (default
-# 80), HF_PROMPTS (prompts the HF baselines run, default NUM_PROMPTS), MAX_NEW_TOKENS (default 128), DECODE_S /
+# 80), HF_PROMPTS (prompts the HF baselines run, default NUM_PROMPTS), METHODS (bench_decode's --methods; default
+# all, each of ours also compiled), MAX_NEW_TOKENS (default 128), DECODE_S /
 # STEP_S / OPS_S (each benchmark's deadline in seconds: 900 / 400 / 600), TAU_JSON (a bench_decode JSON whose
 # measured tau bench_step projects with; default: this OUT's bench_decode.json when the decode stage ran).
 # Copy bandwidth and matmul rate are measured in the same run by bench_step and bench_ops (their JSON "meta").
@@ -100,7 +101,7 @@ for s in ${STAGES//,/ }; do
       heads_args=(); [ -z "$h" ] || heads_args=(--heads-dir "$h")
       stage "$name" python3 bench/bench_decode.py "${model_args[@]}" "${heads_args[@]}" "${prompt_args[@]}" \
         --num-prompts "${NUM_PROMPTS:-80}" --hf-prompts "${HF_PROMPTS:-${NUM_PROMPTS:-80}}" --max-new-tokens "${MAX_NEW_TOKENS:-128}" \
-        --compile --compile-methods plain,medusa,hydra,hydra++ --json "$OUT/$name.json" \
+        ${METHODS:+--methods "$METHODS"} --compile --compile-methods plain,medusa,hydra,hydra++ --json "$OUT/$name.json" \
         --deadline-s "${DECODE_S:-900}" || failed=1
       i=$((i + 1))
     done

@@ -94,12 +94,13 @@ def test_oracle_heads_greedy_matches_hf_and_accepts_every_right_draft(family, ki
 def test_oracle_drafts_accept_exactly_and_stay_exact(kind, wrong_after):
     base = tiny("llama")
     ids = torch.randint(0, V, (1, 9))
-    oracle = OracleHeads(DraftHeads.from_base(base, kind), true_sequences(base, [ids], 80), wrong_after)
+    n = 48
+    oracle = OracleHeads(DraftHeads.from_base(base, kind), true_sequences(base, [ids], n), wrong_after)
     with bind(oracle):
         model = HydraModel(base, oracle, max_cache_len=256, tree="mc_sim_7b_63")
-        out = model.generate(ids, max_new_tokens=80, return_dict_in_generate=True)
-    assert torch.equal(out.sequences, hf_greedy(base, ids, 80))
-    assert out.accept_lengths == oracle.expected_accept_lengths(80, DEPTH)
+        out = model.generate(ids, max_new_tokens=n, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, hf_greedy(base, ids, n))
+    assert out.accept_lengths == oracle.expected_accept_lengths(n, DEPTH)
     assert set(out.accept_lengths[0]) == {min(wrong_after, DEPTH) + 1}
 
 
