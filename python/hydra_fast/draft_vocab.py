@@ -18,10 +18,10 @@ import os
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hydra_fast.heads_config import HeadsCheckpointError
+from hydra_fast.matmul import linear
 
 DRAFT_VOCAB_NAME = "draft_vocab.safetensors"
 FORMAT = "hydra_fast.draft_vocab/1"
@@ -174,5 +174,5 @@ class DraftVocab(nn.Module):
             weight, bias = kept[1], kept[2]
         else:
             weight, bias = self.prepare(slot, lm_head)
-        positions = torch.topk(F.linear(x, weight, bias), k, dim=-1).indices  # [R, k] in 0..V'-1
+        positions = torch.topk(linear(x, weight, bias), k, dim=-1).indices  # [R, k] in 0..V'-1
         return self.ids[positions]

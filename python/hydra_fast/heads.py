@@ -22,6 +22,7 @@ from hydra_fast import reference
 from hydra_fast.draft_vocab import DRAFT_VOCAB_NAME, DraftVocab, DraftVocabFile
 from hydra_fast.heads_config import (KINDS, BaseFingerprint, HeadKind, HeadsCheckpointError, HeadsConfig,
                                      HeadsMismatchError, _dtype_name, check_compatible, fingerprint)
+from hydra_fast.matmul import lm_head_logits
 from hydra_fast.tree import TreeBuffers
 
 __all__ = ["BaseFingerprint", "DraftHead", "DraftHeads", "HeadKind", "HeadsCheckpointError", "HeadsConfig",
@@ -119,7 +120,7 @@ class DraftHeads(nn.Module):
     def logits(self, i: int, x: torch.Tensor, base_lm_head) -> torch.Tensor:
         """Head i's output state x [R, d] -> logits [R, V], through its own LM head or the base's."""
         lm_head = self.heads[i].lm_head
-        return lm_head(x) if lm_head is not None else base_lm_head(x)
+        return lm_head_logits(lm_head if lm_head is not None else base_lm_head, x)
 
     def draft(self, hidden, root, bufs: TreeBuffers, embed_weight, base_lm_head, impl) -> torch.Tensor:
         """Candidate tokens of every tree node. hidden [B, d] (Hydra++: the prefix layer's output), root
