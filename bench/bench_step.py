@@ -216,6 +216,8 @@ def parse_args(argv=None):
     ap.add_argument("--max-reps", type=int, default=400)
     ap.add_argument("--compile", action="store_true", help="also time the torch.compile'd plain and 64-node steps")
     ap.add_argument("--reference-ops", action="store_true")
+    ap.add_argument("--draft-vocab", type=int, default=0, metavar="N",
+                    help="draft from a reduced vocabulary of N tokens (0: the full vocabulary)")
     ap.add_argument("--path", choices=("fast", "hf", "both"), default="fast",
                     help="the base's forward: fused ops (fast, the default decoding path), the HF modules, or both "
                          "(the plain step through each, then the trees through the fused path)")
@@ -295,6 +297,9 @@ def run_model(name, args, device, dtype, report, write, check) -> None:
         check()
         t0 = time.perf_counter()
         heads = make_heads(base, device)
+        if args.draft_vocab:  # the first N token ids stand in for the most frequent ones (random weights)
+            heads.set_draft_vocab(torch.arange(min(args.draft_vocab, base.config.vocab_size), device=device))
+            r["draft_vocab"] = heads.draft_vocab.size
         r["heads_bytes"] = param_bytes(heads)
         r["heads_build_s"] = time.perf_counter() - t0
     except Deadline:

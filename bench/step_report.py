@@ -57,6 +57,8 @@ def render_md(report: dict) -> str:
                          f"{h.get('kernels_per_step', {}).get('count', '-')} {h.get('kernels_per_step', {}).get('what', 'kernels')}"))
         if r.get("fast_path"):
             lines.append(f"- base forward: {r['fast_path']} (the rows below)")
+        if r.get("draft_vocab"):
+            lines.append(f"- the heads draft from a reduced vocabulary of {r['draft_vocab']} tokens")
         p = r.get("plain")
         if p and "error" not in p:
             lines += ["", C.md_table(
