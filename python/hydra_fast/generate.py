@@ -138,7 +138,8 @@ def run(engine, runner, prompts: Prompts, sink: TokenSink):
     """Prefill then step until every sequence has stopped. Returns per-step wall times (seconds)."""
     if sink.streamer is not None:
         sink.streamer.put(prompts.original.cpu())
-    first = engine.prefill(prompts.ids.to(engine.device), prompts.lengths).cpu().tolist()
+    prefill = getattr(runner, "prefill", engine.prefill)  # StepRunner replays a captured prefill
+    first = prefill(prompts.ids.to(engine.device), prompts.lengths).cpu().tolist()
     for b, tok in enumerate(first):
         sink.add(b, [tok])
     step_times = []
