@@ -578,7 +578,7 @@ def test_cuda_step_graph_samples_the_base_law(tiny_lm, compile):
 def sort_target(logits, T, top_k, top_p, monkeypatch) -> torch.Tensor:
     """target_probs with the nucleus found by a full sort of every row."""
     with monkeypatch.context() as m:
-        m.setattr(sampling, "nucleus_floor", sampling._floor_by_sort)
+        m.setattr(sampling, "nucleus_floor", lambda probs, top_p, guess: sampling._floor_by_sort(probs, top_p))
         return target_probs(logits, T, top_k, top_p)
 
 
@@ -650,6 +650,13 @@ def test_nucleus_keeps_every_tie_of_its_least_token():
     assert kept([0.1, 0.3, 0.2, 0.3, 0.1], 0.5) == [False, True, False, True, False]
     assert kept([0.1, 0.3, 0.2, 0.3, 0.1], 0.7) == [False, True, True, True, False]
     assert kept([0.1, 0.3, 0.2, 0.3, 0.1], 0.85) == [True, True, True, True, True]
+
+
+def test_top_p_next_to_one_keeps_the_top_k_filter(monkeypatch):
+    # top_p rounds to 1 in float32: the nucleus is every token, including those top-k gave probability 0
+    logits = draw_logits("peaked", (64, 500), 5)  # many rows: some top-5 masses round below 1
+    probs = check_nucleus(logits, 0.9, 5, 1 - 1e-9, monkeypatch)
+    assert torch.equal(probs, target_probs(logits, 0.9, 5)) and bool(((probs > 0).sum(-1) == 5).all())
 
 
 def test_nucleus_under_torch_compile():

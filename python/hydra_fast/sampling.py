@@ -27,7 +27,8 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_
     top-k or top-p remove get a logit far below any other, the others keep theirs."""
     if not _filters(logits, top_k, top_p):
         return logits.float()
-    return logits.float().masked_fill(_outside(logits.float() / temperature, top_k, top_p), _OUTSIDE_NUCLEUS)
+    removed = _filter_(logits.float() / temperature, top_k, top_p) == _OUTSIDE_NUCLEUS  # [..., V]
+    return logits.float().masked_fill(removed, _OUTSIDE_NUCLEUS)
 
 
 def top_p_filter(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
@@ -40,7 +41,7 @@ def target_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p
     without a second division (the same numbers: a removed token's probability is 0 either way)."""
     scaled = logits.float() / temperature  # [..., V]
     if _filters(logits, top_k, top_p):
-        scaled.masked_fill_(_outside(scaled, top_k, top_p), _OUTSIDE_NUCLEUS)
+        _filter_(scaled, top_k, top_p)
     return scaled.softmax(-1)
 
 
@@ -48,29 +49,31 @@ def _filters(logits: torch.Tensor, top_k: int, top_p: float) -> bool:
     return 0 < top_k < logits.shape[-1] or top_p < 1.0
 
 
-def _outside(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """The tokens [..., V] (bool) that top-k and then top-p remove, from scaled = logits / temperature."""
-    outside = None
-    if 0 < top_k < scaled.shape[-1]:
-        outside = scaled < scaled.topk(top_k, dim=-1).values[..., -1:]  # ties with the k-th kept, as HF
+def _filter_(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Top-k and then top-p, in place on scaled = logits / temperature [..., V] (float32): a removed token's
+    logit becomes _OUTSIDE_NUCLEUS. Returns scaled."""
+    V = scaled.shape[-1]
+    if 0 < top_k < V:
+        scaled.masked_fill_(scaled < scaled.topk(top_k, dim=-1).values[..., -1:], _OUTSIDE_NUCLEUS)  # ties kept
     if top_p < 1.0:
-        after_k = scaled if outside is None else scaled.masked_fill(outside, _OUTSIDE_NUCLEUS)
-        probs = after_k.softmax(-1)  # [..., V]
-        outside = probs < nucleus_floor(probs, top_p)
-    return outside
+        probs = scaled.softmax(-1)  # [..., V] after top-k
+        # after top-k the nucleus lies among the k kept tokens (more only where the k-th has ties)
+        floor = nucleus_floor(probs, top_p, guess=top_k + 1 if 0 < top_k < V else _FIRST_K)
+        scaled.masked_fill_(probs < floor, _OUTSIDE_NUCLEUS)
+    return scaled
 
 
-def nucleus_floor(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+def nucleus_floor(probs: torch.Tensor, top_p: float, guess: int = _FIRST_K) -> torch.Tensor:
     """The least probability [..., 1] that the ``top_p`` nucleus of probs [..., V] keeps.
 
     The nucleus is the fewest most likely tokens whose probability adds up to at least top_p (the top token
     always), with every token tied in probability with the least likely of them: the kept set is
     {p >= floor}, which does not depend on how a sort orders ties (as top-k keeps the ties of its k-th token).
-    On the CPU in eager mode it is found among the k most likely tokens of each row (``_floor_by_topk``),
-    elsewhere by a full sort (``_floor_by_sort``); both read the same descending probabilities and running
-    sums, so they give the same floor."""
+    On the CPU in eager mode it is first looked for among the ``guess`` most likely tokens of each row
+    (``_floor_by_topk``), elsewhere found by a full sort (``_floor_by_sort``); both read the same descending
+    probabilities and running sums, so they give the same floor."""
     if probs.device.type == "cpu" and not torch.compiler.is_compiling():
-        return _floor_by_topk(probs, top_p)
+        return _floor_by_topk(probs, top_p, guess)
     return _floor_by_sort(probs, top_p)
 
 
@@ -87,13 +90,14 @@ def _floor_by_sort(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return _floor_of_sorted(probs.sort(dim=-1, descending=True).values, top_p)[0]
 
 
-def _floor_by_topk(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """``nucleus_floor`` from the k largest probabilities of each row (torch.topk, a partial sort), k growing
-    only for the rows whose nucleus does not end inside them, up to k = V (a full sort). Reads the host."""
+def _floor_by_topk(probs: torch.Tensor, top_p: float, guess: int = _FIRST_K) -> torch.Tensor:
+    """``nucleus_floor`` from the k = guess largest probabilities of each row (torch.topk, a partial sort), k
+    growing only for the rows whose nucleus does not end inside them, up to k = V (a full sort). Reads the
+    host."""
     V = probs.shape[-1]
     flat = probs.reshape(-1, V)  # [R, V]
     floor = torch.empty(flat.shape[0], 1, dtype=probs.dtype)  # [R, 1]
-    rows, k = None, min(_FIRST_K, V)  # rows: the rows still open (None: all of them)
+    rows, k = None, min(max(guess, 1), V)  # rows: the rows still open (None: all of them)
     while rows is None or rows.numel() > 0:
         part = flat if rows is None else flat[rows]  # [r, V]
         top = part.topk(k, dim=-1).values if k < V else part.sort(dim=-1, descending=True).values  # [r, k]
