@@ -88,9 +88,6 @@ def main() -> None:
     T = args.temperature
     print(f"target_probs on {args.logits} logits {list(logits.shape)} float32, T={T}, {args.threads} threads, "
           f"torch {torch.__version__}; median of {args.repeats} calls, ms")
-    def sorted_floor(probs, top_p, guess):
-        return sampling._floor_by_sort(probs, top_p)
-
     for name, (k, p) in CASES.items():
         kept = (sampling.target_probs(logits, T, k, p) > 0).sum(-1).flatten().float()
         def call():
@@ -98,11 +95,11 @@ def main() -> None:
 
         line = f"{name:22s} {median_ms(call, args.repeats):8.2f} ms"
         if args.compare_sort and p < 1.0:
-            sampling.nucleus_floor, fast_floor = sorted_floor, sampling.nucleus_floor
+            partial_sort, sampling._partial_sort = sampling._partial_sort, lambda t: False
             try:
                 line += f"   full sort {median_ms(call, args.repeats):8.2f} ms"
             finally:
-                sampling.nucleus_floor = fast_floor
+                sampling._partial_sort = partial_sort
         print(f"{line}   kept tokens per row: median {kept.median():.0f}, max {kept.max():.0f}")
 
 

@@ -53,27 +53,38 @@ def _filter_(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """Top-k and then top-p, in place on scaled = logits / temperature [..., V] (float32): a removed token's
     logit becomes _OUTSIDE_NUCLEUS. Returns scaled."""
     V = scaled.shape[-1]
+    top = None
     if 0 < top_k < V:
-        scaled.masked_fill_(scaled < scaled.topk(top_k, dim=-1).values[..., -1:], _OUTSIDE_NUCLEUS)  # ties kept
+        top = scaled.topk(top_k + 1, dim=-1)  # [..., k + 1]: the (k+1)-th tells whether the k-th has ties
+        scaled.masked_fill_(scaled < top.values[..., top_k - 1:top_k], _OUTSIDE_NUCLEUS)  # ties kept, as HF
     if top_p < 1.0:
         probs = scaled.softmax(-1)  # [..., V] after top-k
-        # after top-k the nucleus lies among the k kept tokens (more only where the k-th has ties)
-        floor = nucleus_floor(probs, top_p, guess=top_k + 1 if 0 < top_k < V else _FIRST_K)
+        if top is not None and _partial_sort(probs) and bool((top.values[..., -1] < top.values[..., -2]).all()):
+            # top-k kept exactly k tokens, all among top's k + 1 (the last one, and every other, now has
+            # probability 0): their probabilities in descending order are those of the whole row
+            floor = _floor_of_sorted(probs.gather(-1, top.indices).sort(dim=-1, descending=True).values, top_p)[0]
+        else:
+            floor = nucleus_floor(probs, top_p)
         scaled.masked_fill_(probs < floor, _OUTSIDE_NUCLEUS)
     return scaled
 
 
-def nucleus_floor(probs: torch.Tensor, top_p: float, guess: int = _FIRST_K) -> torch.Tensor:
+def _partial_sort(t: torch.Tensor) -> bool:
+    """Whether the nucleus may be looked for by a partial sort that reads the host: on the CPU, eagerly."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def nucleus_floor(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """The least probability [..., 1] that the ``top_p`` nucleus of probs [..., V] keeps.
 
     The nucleus is the fewest most likely tokens whose probability adds up to at least top_p (the top token
     always), with every token tied in probability with the least likely of them: the kept set is
     {p >= floor}, which does not depend on how a sort orders ties (as top-k keeps the ties of its k-th token).
-    On the CPU in eager mode it is first looked for among the ``guess`` most likely tokens of each row
+    On the CPU in eager mode it is looked for among the few most likely tokens of each row first
     (``_floor_by_topk``), elsewhere found by a full sort (``_floor_by_sort``); both read the same descending
     probabilities and running sums, so they give the same floor."""
-    if probs.device.type == "cpu" and not torch.compiler.is_compiling():
-        return _floor_by_topk(probs, top_p, guess)
+    if _partial_sort(probs):
+        return _floor_by_topk(probs, top_p)
     return _floor_by_sort(probs, top_p)
 
 
@@ -90,14 +101,13 @@ def _floor_by_sort(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return _floor_of_sorted(probs.sort(dim=-1, descending=True).values, top_p)[0]
 
 
-def _floor_by_topk(probs: torch.Tensor, top_p: float, guess: int = _FIRST_K) -> torch.Tensor:
-    """``nucleus_floor`` from the k = guess largest probabilities of each row (torch.topk, a partial sort), k
-    growing only for the rows whose nucleus does not end inside them, up to k = V (a full sort). Reads the
-    host."""
+def _floor_by_topk(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """``nucleus_floor`` from the k largest probabilities of each row (torch.topk, a partial sort), k growing
+    only for the rows whose nucleus does not end inside them, up to k = V (a full sort). Reads the host."""
     V = probs.shape[-1]
     flat = probs.reshape(-1, V)  # [R, V]
     floor = torch.empty(flat.shape[0], 1, dtype=probs.dtype)  # [R, 1]
-    rows, k = None, min(max(guess, 1), V)  # rows: the rows still open (None: all of them)
+    rows, k = None, min(_FIRST_K, V)  # rows: the rows still open (None: all of them)
     while rows is None or rows.numel() > 0:
         part = flat if rows is None else flat[rows]  # [r, V]
         top = part.topk(k, dim=-1).values if k < V else part.sort(dim=-1, descending=True).values  # [r, k]
