@@ -117,7 +117,11 @@ def _floor_by_topk(probs: torch.Tensor, top_p: float) -> torch.Tensor:
             return f.view(*probs.shape[:-1], 1)
         rows = torch.arange(flat.shape[0]) if rows is None else rows
         floor[rows[done]] = f[done]
-        rows, k = rows[~done], (_GROWTH * k if _GROWTH * k <= V // 4 else V)  # near V a sort is faster
+        # an open row's nucleus holds at least k + (top_p - mass of its k) / (k-th probability) tokens: grow k
+        # 16x, or sort the open rows where that is not enough or k would come near V (there a sort is faster)
+        short = top_p - top[~done].sum(-1, dtype=torch.float64)  # [open]
+        least = k + (short / top[~done, -1].double()).max() if bool((~done).any()) else 0.0
+        rows, k = rows[~done], (_GROWTH * k if least <= _GROWTH * k <= V // 4 else V)
     return floor.view(*probs.shape[:-1], 1)
 
 
