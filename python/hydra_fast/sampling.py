@@ -55,7 +55,7 @@ def _filter_(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     V = scaled.shape[-1]
     top = None
     if 0 < top_k < V:
-        top = scaled.topk(top_k + 1, dim=-1)  # [..., k + 1]: the (k+1)-th tells whether the k-th has ties
+        top = scaled.topk(top_k + (top_p < 1.0), dim=-1)  # [..., k (+1: whether the k-th has ties)]
         scaled.masked_fill_(scaled < top.values[..., top_k - 1:top_k], _OUTSIDE_NUCLEUS)  # ties kept, as HF
     if top_p < 1.0:
         probs = scaled.softmax(-1)  # [..., V] after top-k
