@@ -17,7 +17,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import cuda_ready, generator, needs_extension, noncontiguous, random_tree, require_kernel
-from hydra_fast import ops, reference
+from hydra_fast import ops, reference, sampling
 from hydra_fast.heads import DraftHeads
 from hydra_fast.model import HydraModel
 from hydra_fast.sampling import target_probs
@@ -569,3 +569,123 @@ def test_cuda_step_graph_samples_the_base_law(tiny_lm, compile):
     assert torch.equal(a, b)
     counts, _ = sample_counts(model, "cuda", SAMPLES, STAR6, temperature=0.7)
     assert g_test_pvalue(counts, plain_law(tiny_lm[0], 0.7, 0, 1.0), SAMPLES) > ALPHA
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the target distribution's nucleus: the CPU's partial sort against the full sort (the path of CUDA graphs)
+
+
+def sort_target(logits, T, top_k, top_p, monkeypatch) -> torch.Tensor:
+    """target_probs with the nucleus found by a full sort of every row."""
+    with monkeypatch.context() as m:
+        m.setattr(sampling, "_partial_sort", lambda t: False)
+        return target_probs(logits, T, top_k, top_p)
+
+
+def check_nucleus(logits, T, top_k, top_p, monkeypatch) -> torch.Tensor:
+    """The CPU target equals the full-sort one bit for bit, is softmax(filter_logits / T), and keeps the nucleus
+    of the definition: the tokens above the least kept one hold less than top_p, with it at least top_p."""
+    probs = target_probs(logits, T, top_k, top_p)
+    assert probs.dtype == torch.float32 and probs.shape == logits.shape
+    assert torch.equal(probs, sort_target(logits, T, top_k, top_p, monkeypatch))
+    assert torch.equal(probs, torch.softmax(sampling.filter_logits(logits, T, top_k, top_p) / T, dim=-1))
+    scaled = logits.float() / T
+    if 0 < top_k < logits.shape[-1]:
+        scaled = scaled.masked_fill(scaled < scaled.topk(top_k, -1).values[..., -1:], -float("inf"))
+    before = scaled.softmax(-1).double()  # the distribution the nucleus is cut from
+    floor = before.masked_fill(probs == 0, 2.0).amin(-1, keepdim=True)  # the least kept probability
+    assert torch.equal(probs > 0, before >= floor)  # every tie of the least kept token is kept
+    above, kept = (before * (before > floor)).sum(-1), (before * (before >= floor)).sum(-1)
+    assert bool((above < top_p + 1e-6).all()) and bool((kept >= min(top_p, 1.0) - 1e-6).all())
+    return probs
+
+
+def draw_logits(kind: str, shape, seed: int) -> torch.Tensor:
+    g = generator(seed)
+    if kind == "ties":  # few distinct values: large groups of equal probabilities at every cut
+        return torch.randint(0, 4, shape, generator=g).float()
+    return torch.randn(shape, generator=g) * {"peaked": 4.0, "flat": 0.3}[kind]
+
+
+@pytest.mark.parametrize("kind", ["peaked", "flat", "ties"])
+@pytest.mark.parametrize("top_k, top_p", [(0, 0.9), (0, 1e-6), (0, 0.999999), (0, 0.5), (50, 0.9), (3, 0.6),
+                                          (20, 1.0)])
+@pytest.mark.parametrize("T", [1.0, 0.6, 1.7])
+def test_cpu_nucleus_equals_full_sort(kind, top_k, top_p, T, monkeypatch):
+    check_nucleus(draw_logits(kind, (2, 3, 769), seed_of(kind, top_k, top_p, T)), T, top_k, top_p, monkeypatch)
+
+
+@pytest.mark.parametrize("V", [1, 7, 83, 256, 4096 + 32])
+def test_cpu_nucleus_sizes(V, monkeypatch):
+    logits = draw_logits("peaked", (5, V), seed_of(V))  # [B, V], as prefill's first token
+    probs = check_nucleus(logits, 0.8, 0, 0.95, monkeypatch)
+    assert bool((probs > 0).any(-1).all())
+
+
+def test_cpu_nucleus_rows_that_need_more_tokens(monkeypatch):
+    # peaked rows end inside the first partial sort; flat ones need the next (4096) or the whole row sorted
+    V = 49152
+    logits = torch.cat([draw_logits("peaked", (1, 3, V), 1) * 1.5, draw_logits("flat", (1, 2, V), 2),
+                        draw_logits("flat", (1, 1, V), 3) * 10], dim=1)  # [1, 6, V]: std 6, 0.3, 3
+    sizes = (check_nucleus(logits, 1.0, 0, 0.9, monkeypatch) > 0).sum(-1).flatten()
+    first = sampling._FIRST_K
+    assert sizes[:3].max() < first < sizes[5] < first * sampling._GROWTH < sizes[3:5].min(), sizes
+    # and with top-p near 1 every row's nucleus is nearly the whole vocabulary
+    check_nucleus(logits[:, 3:5], 1.0, 0, 0.99999, monkeypatch)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_nucleus_of_half_logits(dtype, monkeypatch):
+    logits = draw_logits("peaked", (2, 4, 1000), seed_of(str(dtype))).to(dtype)  # low precision: many ties
+    probs = check_nucleus(logits, 0.7, 40, 0.8, monkeypatch)
+    assert torch.equal(probs, target_probs(logits.float(), 0.7, 40, 0.8))
+
+
+def test_nucleus_keeps_every_tie_of_its_least_token():
+    def kept(p, top_p):
+        return (target_probs(torch.tensor([p]).log(), 1.0, 0, top_p) > 0)[0].tolist()
+
+    assert kept([0.4, 0.2, 0.2, 0.2], 0.35) == [True, False, False, False]
+    assert kept([0.4, 0.2, 0.2, 0.2], 0.5) == [True, True, True, True]  # 0.4 + 0.2 reaches 0.5: all 0.2s join
+    assert kept([0.1, 0.3, 0.2, 0.3, 0.1], 0.5) == [False, True, False, True, False]
+    assert kept([0.1, 0.3, 0.2, 0.3, 0.1], 0.7) == [False, True, True, True, False]
+    assert kept([0.1, 0.3, 0.2, 0.3, 0.1], 0.85) == [True, True, True, True, True]
+
+
+def test_top_p_next_to_one_keeps_the_top_k_filter(monkeypatch):
+    # top_p rounds to 1 in float32: the nucleus is every token, including those top-k gave probability 0
+    logits = draw_logits("peaked", (64, 500), 5)  # many rows: some top-5 masses round below 1
+    probs = check_nucleus(logits, 0.9, 5, 1 - 1e-9, monkeypatch)
+    assert torch.equal(probs, target_probs(logits, 0.9, 5)) and bool(((probs > 0).sum(-1) == 5).all())
+
+
+def test_nucleus_under_torch_compile():
+    # torch.compile takes the full-sort nucleus (no host reads, no graph break) and gets the same distribution
+    logits = draw_logits("peaked", (1, 8, 500), 7)
+    compiled = torch.compile(target_probs, fullgraph=True, backend="eager")
+    assert torch.equal(compiled(logits, 0.7, 50, 0.9), target_probs(logits, 0.7, 50, 0.9))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_target_probs_in_a_graph():
+    # the CUDA path (full sort) is captured in a CUDA graph and replays the eager result; it keeps the CPU's
+    # nucleus on peaked logits (cumulative sums on the two devices may differ in the last bit: no cut at a tie)
+    logits = draw_logits("peaked", (1, 64, 49152), 11).cuda()
+    eager = target_probs(logits, 0.7, 50, 0.9)
+    out = torch.empty_like(eager)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        out.copy_(target_probs(logits, 0.7, 50, 0.9))  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out.copy_(target_probs(logits, 0.7, 50, 0.9))
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+    cpu = target_probs(logits.cpu(), 0.7, 50, 0.9)
+    assert torch.equal(eager.cpu() > 0, cpu > 0)
+    torch.testing.assert_close(eager.cpu(), cpu, rtol=1e-5, atol=1e-7)
