@@ -131,3 +131,23 @@ def test_reference_layer_ops_match_hf_modules():
     mlp = layer.mlp
     gu = torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], dim=-1)
     assert torch.equal(mlp.down_proj(reference.silu_mul(gu)), mlp(x))
+
+
+def test_models_over_one_base_share_its_fused_decoder(monkeypatch):
+    # a second HydraModel over the same base must not re-fuse the weights: that would make the first model's
+    # decoder stale and every call of either model rebuild its decoder and engine
+    from hydra_fast import fastpath
+
+    base = tiny("llama")
+    builds = []
+    real = fastpath.FusedDecoder.build.__func__
+    monkeypatch.setattr(fastpath.FusedDecoder, "build",
+                        classmethod(lambda cls, b: builds.append(1) or real(cls, b)))
+    ids = torch.randint(0, V, (1, 7))
+    a, b = HydraModel(base, None, max_cache_len=64), HydraModel(base, None, max_cache_len=64)
+    outs = [m.generate(ids, max_new_tokens=5) for m in (a, b, a, b)]
+    assert all(torch.equal(o, outs[0]) for o in outs) and torch.equal(outs[0], hf_greedy(base, ids, 5))
+    assert len(builds) == 1 and a._fused is b._fused and a._fused.is_current()
+    engine = a._engine
+    a.generate(ids, max_new_tokens=5)
+    assert a._engine is engine  # no rebuild between calls

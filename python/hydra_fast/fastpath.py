@@ -15,6 +15,7 @@ layers are not recognised exactly (``FusedDecoder.build`` returns None with the 
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,10 @@ _NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm")
 _ATTENTIONS = ("LlamaAttention", "Qwen2Attention", "Qwen3Attention", "MistralAttention")
 _MLPS = ("LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP")
 _SILU = ("SiLUActivation", "SiLU")
+
+
+# base model -> its FusedDecoder (``FusedDecoder.shared``); weak keys: the decoder does not keep the base alive.
+_SHARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class NotFusable(Exception):
@@ -196,6 +201,19 @@ class FusedDecoder:
         with torch.no_grad():
             fused = [FusedLayer.build(layer, base.config, inplace=True) for layer in layers]
         return cls(backbone, fused), ""
+
+    @classmethod
+    def shared(cls, base) -> tuple[FusedDecoder | None, str]:
+        """``build``, once per base model: every HydraModel over the same base uses one decoder (a second build
+        would re-fuse the weights, turning the first decoder's views stale and making each model rebuild its
+        decoder and engine at every call). Rebuilt when the weights were replaced."""
+        kept = _SHARED.get(base)
+        if kept is not None and kept.is_current():
+            return kept, ""
+        decoder, reason = cls.build(base)
+        if decoder is not None:
+            _SHARED[base] = decoder
+        return decoder, reason
 
     def is_current(self) -> bool:
         return all(layer.is_current() for layer in self.layers)

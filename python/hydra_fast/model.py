@@ -267,7 +267,7 @@ class HydraModel:
             from hydra_fast.fastpath import FusedDecoder
 
             with torch.inference_mode(False):  # the fused buffers become the base's parameters' storage
-                self._fused, self.fast_path_reason = FusedDecoder.build(self.base)
+                self._fused, self.fast_path_reason = FusedDecoder.shared(self.base)
             self._fast_checked = True
             self._engine_key = None  # a new decoder: the engine (and its captured graph) must be rebuilt
         return self._fused
