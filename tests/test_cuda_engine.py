@@ -153,14 +153,7 @@ def test_captured_prefill_leaves_the_eager_prefills_state(do_sample):
         torch.testing.assert_close(h0, h1, rtol=1e-5, atol=1e-5)
         for a, b in zip(kv0 + p0, kv1 + p1):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-        assert all(torch.equal(a[:-1], b[:-1]) for a, b in zip(s0, s1))  # the prompts
-        assert torch.equal(r1, f1) and [int(h[-1]) for h in s1] == f1.tolist()  # the first token is the root
-        if not do_sample:
-            assert torch.equal(f0, f1)
-        else:  # a replay draws from the generator as eager code does not: same seed, same draw, replay to replay
-            engine.reseed(5)
-            again = runner.prefill(prompts.ids.cuda(), prompts.lengths).clone()
-            assert torch.equal(again, f1)
+        assert torch.equal(f0, f1) and torch.equal(r0, r1) and all(torch.equal(a, b) for a, b in zip(s0, s1))
     assert sorted(runner.prefill_graphs) == [16, 64, 128]
 
 

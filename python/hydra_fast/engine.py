@@ -192,18 +192,28 @@ class SpeculativeEngine:
 
         Returns the first generated token of each sequence [B] (also stored as the next root)."""
         self.prepare_prefill()
-        return self.prefill_tokens(input_ids.to(self.device), lengths.to(device=self.device, dtype=torch.int32))
+        u = self.prefill_uniform(input_ids.shape[0])
+        return self.prefill_tokens(input_ids.to(self.device), lengths.to(device=self.device, dtype=torch.int32), u)
 
     def prepare_prefill(self) -> None:
-        """The host-side half of ``prefill``, run before it (and before a captured prefill is replayed)."""
+        """The eager half of ``prefill``, run before it (and before a prefill is captured or replayed)."""
         if self.heads is not None:
             self.heads.prepare_draft(self.lm_head)  # in place when the LM head changed: captured steps see it
 
+    def prefill_uniform(self, batch_size: int) -> torch.Tensor | None:
+        """The first token's uniform draw [B] when sampling, None when greedy: drawn eagerly, outside any graph,
+        so a captured prefill draws exactly what the eager one does."""
+        if not self.sampling.do_sample:
+            return None
+        return torch.rand(batch_size, generator=self.generator, device=self.device)
+
     @torch.no_grad()
-    def prefill_tokens(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """The device half of ``prefill``: input_ids int64 [B, T] and lengths int32 [B] on the engine's device.
-        Static shapes, no host reads: ``StepRunner`` captures it as a CUDA graph per padded prompt length (the
-        tokens past a sequence's length are padding: they write cache slots that the steps overwrite)."""
+    def prefill_tokens(self, input_ids: torch.Tensor, lengths: torch.Tensor,
+                       uniform: torch.Tensor | None = None) -> torch.Tensor:
+        """The device half of ``prefill``: input_ids int64 [B, T], lengths int32 [B] and (sampling) the first
+        token's uniform [B] on the engine's device. Static shapes, no host reads: ``StepRunner`` captures it as a
+        CUDA graph per padded prompt length (the tokens past a sequence's length are padding: they write cache
+        slots that the steps overwrite)."""
         B, T = input_ids.shape
         self.cache.reset()
         pos = torch.arange(T, device=self.device).view(1, T).expand(B, T)
@@ -213,8 +223,7 @@ class SpeculativeEngine:
         logits = lm_head_logits(self.lm_head, h_last).float()  # [B, V]
         if self.sampling.do_sample:
             s = self.sampling
-            u = torch.rand(B, generator=self.generator, device=self.device)  # [B]
-            first = inverse_cdf(target_probs(logits, s.temperature, s.top_k, s.top_p), u)
+            first = inverse_cdf(target_probs(logits, s.temperature, s.top_k, s.top_p), uniform)
         else:
             first = logits.argmax(-1)
         if self.prefix_cache is not None:
@@ -325,10 +334,13 @@ class StepRunner:
         Tb = next((b for b in PREFILL_BUCKETS if b >= T), None)
         if self.prefill_graphs is None or Tb is None or Tb + engine.bufs.num_nodes > engine.cache.capacity:
             return engine.prefill(input_ids, lengths)
-        engine.prepare_prefill()
         if Tb not in self.prefill_graphs:
             self.prefill_graphs[Tb] = self._capture_prefill(B, Tb)
-        graph, ids, lens, first = self.prefill_graphs[Tb]
+        graph, ids, lens, uniform, first = self.prefill_graphs[Tb]
+        engine.prepare_prefill()
+        u = engine.prefill_uniform(B)
+        if u is not None:
+            uniform.copy_(u)
         ids.zero_()
         ids[:, :T].copy_(input_ids)
         lens.copy_(lengths)
@@ -337,19 +349,20 @@ class StepRunner:
 
     def _capture_prefill(self, B: int, T: int) -> tuple:
         engine = self.engine
+        engine.prepare_prefill()  # lazy state (the draft's compact heads) before capture; no random draw
         ids = torch.zeros(B, T, dtype=torch.long, device=engine.device)
         lens = torch.ones(B, dtype=torch.int32, device=engine.device)
+        uniform = torch.zeros(B, device=engine.device) if engine.sampling.do_sample else None
         side = torch.cuda.Stream(device=engine.device)
         side.wait_stream(torch.cuda.current_stream(engine.device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                engine.prefill_tokens(ids, lens)
+                engine.prefill_tokens(ids, lens, uniform)
         torch.cuda.current_stream(engine.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        register_generator(graph, engine)
+        graph = torch.cuda.CUDAGraph()  # no random draws inside: the uniform comes in through ``uniform``
         with torch.cuda.graph(graph, pool=self._prefill_pool):
-            first = engine.prefill_tokens(ids, lens)
-        return graph, ids, lens, first
+            first = engine.prefill_tokens(ids, lens, uniform)
+        return graph, ids, lens, uniform, first
 
     def _capture(self):
         engine = self.engine
