@@ -63,12 +63,13 @@ def parse_tree(spec: str):
 
 def method_tree(tree, label: str, device, context_draft: int = 0):
     """The tree a method runs: ``tree`` itself, or for 'auto' its heads folder's tree for this device; with a
-    context chain of ``context_draft`` nodes (the ``_ctx`` methods)."""
+    context chain of ``context_draft`` nodes (the ``_ctx`` methods) and none otherwise, even where a tree file
+    asks for one (so ``hydra++`` and ``hydra++_ctx`` differ by the chain alone)."""
     from hydra_fast.model import resolve_tree
     from hydra_fast.tree import Tree
 
     resolved = resolve_tree(tree, Path(label) if label not in ("untrained", "none") else None, device)
-    return Tree.from_choices(resolved, context_len=context_draft) if context_draft else resolved
+    return Tree.from_choices(resolved, context_len=context_draft)
 
 
 def context_len(name: str, args) -> int:

@@ -88,6 +88,25 @@ def test_auto_tree_uses_the_heads_tree_file_for_the_device(tmp_path):
     assert resolve_tree(str(heads_dir / "tree_cpu.json"), None, torch.device("cpu")) == [[0], [1], [0, 0]]
 
 
+def test_a_tree_file_can_ask_for_a_context_chain(tmp_path):
+    heads_dir = tmp_path / "heads"
+    perturbed_heads(tiny("llama"), "hydra").save_pretrained(heads_dir)
+    TreeChoice(tree=[[0], [1]], expected_tokens=2.0, step_ms=1.0, device="cpu",
+               context_draft=4).save(heads_dir / "tree_cpu.json")
+    want = Tree.from_choices([[0], [1]], context_len=4)
+    assert Tree.from_choices(resolve_tree("auto", heads_dir, torch.device("cpu"))) == want
+    assert Tree.from_choices(resolve_tree(f"{heads_dir / 'tree_cpu.json'}+ctx2", None, "cpu")).context_len == 2
+    model = HydraModel.from_pretrained(tiny("llama"), heads_dir)
+    assert model.default_tree == want
+    ids = torch.randint(0, 100, (1, 6))
+    out = model.generate(ids, max_new_tokens=8, context_draft=0, return_dict_in_generate=True)  # turned off
+    assert torch.equal(out.sequences, model.generate(ids, max_new_tokens=8))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"format": "hydra_fast.tree/1", "tree": [[0]], "context_draft": -1}))
+    with pytest.raises(ValueError, match="context_draft must be an int >= 0"):
+        resolve_tree(bad, None, "cpu")
+
+
 def test_bad_tree_files_and_models_without_heads_are_clear_errors(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"format": "something else", "tree": [[0]]}))

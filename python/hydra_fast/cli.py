@@ -66,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--no-cuda-graph", action="store_true")
     c.add_argument("--reference-ops", action="store_true")
     c.add_argument("--draft-vocab", type=int, default=None, metavar="N", help=DRAFT_VOCAB_HELP)
+    c.add_argument("--context-draft", type=int, default=0, metavar="M",
+                   help="record in the tree file a context chain of M tokens found in the prompt and the text so far, "
+                        "verified beside the heads' nodes (default 0: none); measure it with bench_decode --context-draft")
     c.set_defaults(tree="auto", compile=False)  # candidates are timed as generate() runs them (no compile)
     return p
 
@@ -93,6 +96,7 @@ def _calibrate(args) -> int:
               f"{c['step_ms']:.2f} ms/step, {c['tokens_per_s']:.1f} tok/s", file=sys.stderr)
 
     choice = calibrate(model, prompts, max_new_tokens=args.max_new_tokens, eos_token_ids=eos, progress=show)
+    choice.context_draft = args.context_draft
     choice.save(args.out)
     print(f"{len(choice.tree)}-node tree: {choice.expected_tokens:.2f} tokens/step in {choice.step_ms:.2f} ms "
           f"({choice.tokens_per_s:.1f} tok/s expected) on {choice.device} -> {args.out}")
@@ -117,6 +121,8 @@ def _check_args(args) -> None:
             raise UsageError(f"{flag} {value}: no such folder (pass a local folder{alternative})")
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if getattr(args, "context_draft", None) is not None and args.context_draft < 0:
+        raise UsageError(f"--context-draft must be >= 0 (0: no context chain), got {args.context_draft}")
 
 
 def _load(args):

@@ -85,16 +85,20 @@ class EngineKey:
 
 def resolve_tree(tree, heads_dir: Path | None, device: torch.device):
     """A tree argument as ``Tree.from_choices`` takes it: "auto" and tree files resolved (see from_pretrained)."""
-    from hydra_fast.tree_search import load_tree
+    from hydra_fast.tree_search import load_tree, tree_file_context
+
+    def from_file(path):  # the file's tree, with the context chain it asks for
+        m = tree_file_context(path)
+        return Tree.from_choices(load_tree(path), context_len=m) if m else load_tree(path)
 
     if isinstance(tree, (str, Path)) and str(tree) != split_context(str(tree))[0]:  # "<tree>+ctxM"
         name, context_len = split_context(str(tree))
         return Tree.from_choices(resolve_tree(name, heads_dir, device), context_len=context_len)
     if isinstance(tree, (str, Path)) and str(tree) == "auto":
         found = heads_dir / f"tree_{torch.device(device).type}.json" if heads_dir is not None else None
-        return load_tree(found) if found is not None and found.is_file() else "mc_sim_7b_63"
+        return from_file(found) if found is not None and found.is_file() else "mc_sim_7b_63"
     if isinstance(tree, Path) or (isinstance(tree, str) and tree.endswith(".json")):
-        return load_tree(tree)
+        return from_file(tree)
     return tree
 
 

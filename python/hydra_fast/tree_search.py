@@ -80,6 +80,7 @@ class TreeChoice:
     device: str
     candidates: list[dict] = field(default_factory=list)  # nodes, max_depth, expected_tokens, step_ms, tokens_per_s
     calibration: dict = field(default_factory=dict)
+    context_draft: int = 0  # a context chain of this many tokens beside the heads' nodes (0: none)
 
     @property
     def tokens_per_s(self) -> float:
@@ -90,6 +91,15 @@ class TreeChoice:
         from hydra_fast.safe_io import write_text_atomic
 
         write_text_atomic(path, json.dumps({"format": FORMAT, **asdict(self)}, indent=1))
+
+
+def tree_file_context(path) -> int:
+    """The context chain length a tree file asks for (``context_draft``; 0 when absent or a plain list)."""
+    data = json.loads(Path(path).read_text())
+    m = data.get("context_draft", 0) if isinstance(data, dict) else 0
+    if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+        raise ValueError(f"{path}: context_draft must be an int >= 0, got {m!r}")
+    return m
 
 
 def load_tree(path) -> list[list[int]]:
