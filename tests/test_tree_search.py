@@ -118,3 +118,19 @@ def test_bad_tree_files_and_models_without_heads_are_clear_errors(tmp_path):
         load_tree(orphan)
     with pytest.raises(ValueError, match="needs a HydraModel with draft heads"):
         calibrate(HydraModel(tiny("llama"), None), [torch.randint(0, V, (1, 5))])
+
+
+def test_a_root_only_tree_runs_without_the_heads(tmp_path):
+    # a calibration that finds no tree worth its cost writes the root-only tree: the heads (Hydra++'s prefix
+    # layer too) must not run at every step for nothing
+    heads_dir = tmp_path / "heads"
+    perturbed_heads(tiny("llama"), "hydra++").save_pretrained(heads_dir)
+    TreeChoice(tree=[], expected_tokens=1.0, step_ms=1.0, device="cpu").save(heads_dir / "tree_cpu.json")
+    base = tiny("llama")
+    model = HydraModel.from_pretrained(base, heads_dir)
+    ids = torch.randint(0, 100, (1, 6))
+    out = model.generate(ids, max_new_tokens=8)
+    assert model._engine.heads is None and model._engine.prefix_cache is None
+    assert torch.equal(out, HydraModel(base, None).generate(ids, max_new_tokens=8))
+    model.generate(ids, max_new_tokens=8, context_draft=2)  # a context chain alone: still no heads
+    assert model._engine.heads is None and model._engine.bufs.context_len == 2

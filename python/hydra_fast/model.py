@@ -346,6 +346,8 @@ class HydraModel:
                             else self.default_tree, use_heads)
         if context_draft is not None:
             tree_obj = tree_obj.with_context(context_draft)
+        if tree_obj.heads_depth == 0:  # no heads' nodes (e.g. a calibrated root-only tree): the heads would run for nothing
+            use_heads = False
         depth, drafted = tree_obj.heads_depth, self.heads.config.num_heads if use_heads else 0
         if use_heads and depth > drafted:
             raise ValueError(f"the tree is {depth} deep but these heads draft {drafted} levels: pass a tree no "
