@@ -85,11 +85,11 @@ class EngineKey:
 
 def resolve_tree(tree, heads_dir: Path | None, device: torch.device):
     """A tree argument as ``Tree.from_choices`` takes it: "auto" and tree files resolved (see from_pretrained)."""
-    from hydra_fast.tree_search import load_tree, tree_file_context
+    from hydra_fast.tree_search import read_tree_file
 
     def from_file(path):  # the file's tree, with the context chain it asks for
-        m = tree_file_context(path)
-        return Tree.from_choices(load_tree(path), context_len=m) if m else load_tree(path)
+        choices, m = read_tree_file(path)
+        return Tree.from_choices(choices, context_len=m) if m else choices
 
     if isinstance(tree, (str, Path)) and str(tree) != split_context(str(tree))[0]:  # "<tree>+ctxM"
         name, context_len = split_context(str(tree))

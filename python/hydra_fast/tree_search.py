@@ -93,25 +93,26 @@ class TreeChoice:
         write_text_atomic(path, json.dumps({"format": FORMAT, **asdict(self)}, indent=1))
 
 
-def tree_file_context(path) -> int:
-    """The context chain length a tree file asks for (``context_draft``; 0 when absent or a plain list)."""
+def read_tree_file(path) -> tuple[list[list[int]], int]:
+    """(the tree, the context chain length it asks for) of a file written by ``TreeChoice.save`` (or a plain
+    JSON list of rank lists, which asks for no chain), read and checked once."""
     data = json.loads(Path(path).read_text())
-    m = data.get("context_draft", 0) if isinstance(data, dict) else 0
-    if isinstance(m, bool) or not isinstance(m, int) or m < 0:
-        raise ValueError(f"{path}: context_draft must be an int >= 0, got {m!r}")
-    return m
-
-
-def load_tree(path) -> list[list[int]]:
-    """The tree of a file written by ``TreeChoice.save`` (or a plain JSON list of rank lists)."""
-    data = json.loads(Path(path).read_text())
+    m = 0
     if isinstance(data, dict):
         if data.get("format") != FORMAT:
             raise ValueError(f"{path} is not a hydra_fast tree file (format {data.get('format')!r}, "
                              f"expected {FORMAT!r})")
+        m = data.get("context_draft", 0)
+        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+            raise ValueError(f"{path}: context_draft must be an int >= 0, got {m!r}")
         data = data["tree"]
     Tree.from_choices(data)  # validates
-    return data
+    return data, m
+
+
+def load_tree(path) -> list[list[int]]:
+    """The tree of a file written by ``TreeChoice.save`` (or a plain JSON list of rank lists)."""
+    return read_tree_file(path)[0]
 
 
 def _prefilled(model, ids: torch.Tensor, tree: Tree):
