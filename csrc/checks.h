@@ -57,6 +57,18 @@ inline void size(const char* op, const std::string& name, const at::Tensor& t, i
               expected, ", got ", t.size(d));
 }
 
+// A tree descriptor shared by the batch ([N, N], [P, L], [N]: `shared_dims` dims) or one per sequence (the same
+// with a leading batch dim [B, ...] equal to B). Returns whether it is per sequence.
+inline bool tree_dims(const char* op, const std::string& name, const at::Tensor& t, int64_t shared_dims,
+                      const char* shared_layout, const char* batched_layout, int64_t B, const char* b_from) {
+  const bool batched = t.dim() == shared_dims + 1;
+  TORCH_CHECK(t.dim() == shared_dims || batched, "hydra_fast.", op, ": ", name, " must have ", shared_dims, " dims ",
+              shared_layout, " (one tree for the whole batch) or ", shared_dims + 1, " dims ", batched_layout,
+              " (one tree per sequence), got ", t.dim());
+  if (batched) size(op, name, t, 0, B, b_from);
+  return batched;
+}
+
 inline void last_dim_contiguous(const char* op, const std::string& name, const at::Tensor& t) {
   TORCH_CHECK(t.dim() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1, "hydra_fast.", op, ": ", name,
               " must have a contiguous last dim (stride 1), got stride ", t.stride(-1));
@@ -64,7 +76,7 @@ inline void last_dim_contiguous(const char* op, const std::string& name, const a
 
 }  // namespace checks_detail
 
-// q [B, Hq, N, D], k_cache/v_cache [B, Hkv, S, D], cache_lens int32 [B], tree_mask bool [N, N].
+// q [B, Hq, N, D], k_cache/v_cache [B, Hkv, S, D], cache_lens int32 [B], tree_mask bool [N, N] or [B, N, N].
 inline void check_tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                  const at::Tensor& cache_lens, const at::Tensor& tree_mask, double scale) {
   namespace c = checks_detail;
@@ -77,7 +89,6 @@ inline void check_tree_attention(const at::Tensor& q, const at::Tensor& k_cache,
   c::dims(op, "k_cache", k_cache, 4, "[B, Hkv, S, D]");
   c::dims(op, "v_cache", v_cache, 4, "[B, Hkv, S, D]");
   c::dims(op, "cache_lens", cache_lens, 1, "[B]");
-  c::dims(op, "tree_mask", tree_mask, 2, "[N, N]");
   c::float_dtype(op, "q", q);
   c::same_dtype(op, "k_cache", k_cache, "q", q);
   c::same_dtype(op, "v_cache", v_cache, "q", q);
@@ -85,12 +96,13 @@ inline void check_tree_attention(const at::Tensor& q, const at::Tensor& k_cache,
   c::dtype(op, "tree_mask", tree_mask, at::kBool);
   const int64_t B = q.size(0), Hq = q.size(1), N = q.size(2), D = q.size(3);
   const int64_t Hkv = k_cache.size(1), S = k_cache.size(2);
+  c::tree_dims(op, "tree_mask", tree_mask, 2, "[N, N]", "[B, N, N]", B, "B from q");
   c::size(op, "k_cache", k_cache, 0, B, "B from q");
   c::size(op, "k_cache", k_cache, 3, D, "D from q");
   for (int64_t d = 0; d < 4; ++d) c::size(op, "v_cache", v_cache, d, k_cache.size(d), "the size of k_cache");
   c::size(op, "cache_lens", cache_lens, 0, B, "B from q");
-  c::size(op, "tree_mask", tree_mask, 0, N, "N from q");
-  c::size(op, "tree_mask", tree_mask, 1, N, "N from q");
+  c::size(op, "tree_mask", tree_mask, tree_mask.dim() - 2, N, "N from q");
+  c::size(op, "tree_mask", tree_mask, tree_mask.dim() - 1, N, "N from q");
   TORCH_CHECK(Hkv >= 1 && Hq % Hkv == 0, "hydra_fast.", op, ": GQA ratio: q heads Hq (", Hq,
               ") must be a positive multiple of k_cache heads Hkv (", Hkv, ")");
   TORCH_CHECK(D >= 1 && D <= 256, "hydra_fast.", op, ": head dim D must be in [1, 256], got ", D);
@@ -161,7 +173,8 @@ inline void check_draft_head_mlp(const at::Tensor& hidden, const at::Tensor& pat
   c::last_dim_contiguous(op, "embed", embed);
 }
 
-// logits [B, N, V], candidates int64 [B, N], paths int64 [P, L]. `op` is "accept_greedy" or "accept_typical".
+// logits [B, N, V], candidates int64 [B, N], paths int64 [P, L] or [B, P, L]. `op` is "accept_greedy" or
+// "accept_typical".
 inline void check_accept(const char* op, const at::Tensor& logits, const at::Tensor& candidates,
                          const at::Tensor& paths) {
   namespace c = checks_detail;
@@ -169,7 +182,7 @@ inline void check_accept(const char* op, const at::Tensor& logits, const at::Ten
   c::same_device(op, "paths", paths, "logits", logits);
   c::dims(op, "logits", logits, 3, "[B, N, V]");
   c::dims(op, "candidates", candidates, 2, "[B, N]");
-  c::dims(op, "paths", paths, 2, "[P, L]");
+  c::tree_dims(op, "paths", paths, 2, "[P, L]", "[B, P, L]", logits.size(0), "B from logits");
   c::float_dtype(op, "logits", logits);
   c::dtype(op, "candidates", candidates, at::kLong);
   c::dtype(op, "paths", paths, at::kLong);
@@ -177,8 +190,8 @@ inline void check_accept(const char* op, const at::Tensor& logits, const at::Ten
   c::size(op, "candidates", candidates, 1, logits.size(1), "N from logits");
   TORCH_CHECK(logits.size(1) >= 1, "hydra_fast.", op, ": logits must have at least one node (N >= 1), got N = 0");
   TORCH_CHECK(logits.size(2) >= 1, "hydra_fast.", op, ": logits must have a vocabulary (V >= 1), got V = 0");
-  TORCH_CHECK(paths.size(0) >= 1 && paths.size(1) >= 1, "hydra_fast.", op,
-              ": paths must hold at least one path of length >= 1, got [", paths.size(0), ", ", paths.size(1), "]");
+  TORCH_CHECK(paths.size(-2) >= 1 && paths.size(-1) >= 1, "hydra_fast.", op,
+              ": paths must hold at least one path of length >= 1, got shape ", paths.sizes());
   c::last_dim_contiguous(op, "logits", logits);
 }
 
@@ -362,8 +375,8 @@ inline void check_rope_kv_write(const at::Tensor& qkv, const at::Tensor& cos, co
   c::last_dim_contiguous(op, "v_cache", v_cache);
 }
 
-// probs float32 [B, N, V], candidates int64 [B, N], first_child / next_sibling int64 [N], uniform float32 [B, N],
-// max_depth >= 0.
+// probs float32 [B, N, V], candidates int64 [B, N], first_child / next_sibling int64 [N] or [B, N] (both the
+// same shape), uniform float32 [B, N], max_depth >= 0.
 inline void check_accept_sample(const at::Tensor& probs, const at::Tensor& candidates, const at::Tensor& first_child,
                                 const at::Tensor& next_sibling, const at::Tensor& uniform, int64_t max_depth) {
   namespace c = checks_detail;
@@ -374,8 +387,6 @@ inline void check_accept_sample(const at::Tensor& probs, const at::Tensor& candi
   c::same_device(op, "uniform", uniform, "probs", probs);
   c::dims(op, "probs", probs, 3, "[B, N, V]");
   c::dims(op, "candidates", candidates, 2, "[B, N]");
-  c::dims(op, "first_child", first_child, 1, "[N]");
-  c::dims(op, "next_sibling", next_sibling, 1, "[N]");
   c::dims(op, "uniform", uniform, 2, "[B, N]");
   TORCH_CHECK(probs.scalar_type() == at::kFloat, "hydra_fast.", op, ": probs must be float32 probabilities (softmax "
               "of the filtered logits / temperature), got ", probs.scalar_type());
@@ -384,10 +395,12 @@ inline void check_accept_sample(const at::Tensor& probs, const at::Tensor& candi
   c::dtype(op, "next_sibling", next_sibling, at::kLong);
   c::dtype(op, "uniform", uniform, at::kFloat);
   const int64_t B = probs.size(0), N = probs.size(1);
+  c::tree_dims(op, "first_child", first_child, 1, "[N]", "[B, N]", B, "B from probs");
+  c::size(op, "first_child", first_child, first_child.dim() - 1, N, "N from probs");
+  TORCH_CHECK(next_sibling.sizes() == first_child.sizes(), "hydra_fast.", op,
+              ": next_sibling must have first_child's shape ", first_child.sizes(), ", got ", next_sibling.sizes());
   c::size(op, "candidates", candidates, 0, B, "B from probs");
   c::size(op, "candidates", candidates, 1, N, "N from probs");
-  c::size(op, "first_child", first_child, 0, N, "N from probs");
-  c::size(op, "next_sibling", next_sibling, 0, N, "N from probs");
   c::size(op, "uniform", uniform, 0, B, "B from probs");
   c::size(op, "uniform", uniform, 1, N, "N from probs (one uniform per node, [b, 0] for the bonus token)");
   TORCH_CHECK(N >= 1, "hydra_fast.", op, ": probs must have at least one node (N >= 1), got N = 0");

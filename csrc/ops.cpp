@@ -4,16 +4,17 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(hydra_fast, m) {
-  // q [B, Hq, N, D], k_cache/v_cache [B, Hkv, S, D], cache_lens int32 [B], tree_mask bool [N, N]
-  //   -> out [B, N, Hq, D]. Query i sees cache positions [0, len) and len + j where tree_mask[i, j].
+  // q [B, Hq, N, D], k_cache/v_cache [B, Hkv, S, D], cache_lens int32 [B], tree_mask bool [N, N] (one tree for
+  // the batch) or [B, N, N] (one per sequence) -> out [B, N, Hq, D]. Query i of sequence b sees cache positions
+  // [0, len) and len + j where tree_mask[i, j] (tree_mask[b, i, j]).
   m.def("tree_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_lens, Tensor tree_mask, "
         "float scale) -> Tensor");
   // hidden [R, d], path_tokens int64 [R, k], embed [V, d], weights[0] [d, (k+1)d], weights[i>0] [d, d],
   // biases[i] [d], res_weight/res_bias: the first block's learned residual (required iff k > 0) -> [R, d]
   m.def("draft_head_mlp(Tensor hidden, Tensor path_tokens, Tensor embed, Tensor[] weights, Tensor[] biases, "
         "Tensor? res_weight, Tensor? res_bias) -> Tensor");
-  // logits [B, N, V], candidates int64 [B, N], paths int64 [P, L] (-1 padded, paths[:, 0] == 0)
-  //   -> (accept_len int64 [B], out_tokens int64 [B, L], accepted_nodes int64 [B, L])
+  // logits [B, N, V], candidates int64 [B, N], paths int64 [P, L] (-1 padded, paths[:, 0] == 0) or [B, P, L]
+  // (one tree per sequence) -> (accept_len int64 [B], out_tokens int64 [B, L], accepted_nodes int64 [B, L])
   m.def("accept_greedy(Tensor logits, Tensor candidates, Tensor paths) -> (Tensor, Tensor, Tensor)");
   // as accept_greedy, plus uniform float32 [B] in [0, 1) for the extra token's inverse-CDF draw
   m.def("accept_typical(Tensor logits, Tensor candidates, Tensor paths, Tensor uniform, float temperature, "
@@ -32,8 +33,9 @@ TORCH_LIBRARY(hydra_fast, m) {
   m.def("rope_kv_write(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int layer, "
         "Tensor cache_lens, int num_q_heads, int num_kv_heads, Tensor? q_norm, Tensor? k_norm, float eps) -> Tensor");
   // probs float32 [B, N, V] (target distributions), candidates int64 [B, N], first_child / next_sibling int64 [N]
-  // (children in the order they are tried, -1 terminated), uniform float32 [B, N] -> as accept_greedy with
-  // L = max_depth + 1. Lossless sampling: point-mass multi-round rejection (reference.accept_sample).
+  // or [B, N] (one tree per sequence; children in the order they are tried, -1 terminated), uniform float32
+  // [B, N] -> as accept_greedy with L = max_depth + 1. Lossless sampling: point-mass multi-round rejection
+  // (reference.accept_sample).
   m.def("accept_sample(Tensor probs, Tensor candidates, Tensor first_child, Tensor next_sibling, Tensor uniform, "
         "int max_depth) -> (Tensor, Tensor, Tensor)");
 }

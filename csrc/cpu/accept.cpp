@@ -1,5 +1,6 @@
 // CPU tree acceptance, greedy and typical. Two stages: per (b, node) row statistics of the logits (argmax, or
-// log-softmax normaliser and entropy) in parallel, then per sequence the walk over the paths. Tie-breaking is
+// log-softmax normaliser and entropy) in parallel, then per sequence the walk over the paths (the batch's one
+// tree, or the sequence's own for paths [B, P, L]). Tie-breaking is
 // the reference's exactly: the first max in argmax, the first path of the longest accept length (greedy);
 // the largest acc * 1e6 + score, first such path (typical); the first vocab index whose CDF exceeds u * total.
 #include <ATen/ATen.h>
@@ -20,8 +21,8 @@ namespace {
 
 using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
-// The tree as the paths describe it, shared by all sequences. Node indices outside [0, N) (a broken caller
-// contract; the reference would raise) are treated as unmatched, so they are never used to index.
+// One tree as its paths [P, L] describe it. Node indices outside [0, N) (a broken caller contract; the
+// reference would raise) are treated as unmatched, so they are never used to index.
 struct Tree {
   int64_t N, P, L;
   std::vector<int64_t> paths;    // [P, L], -1 padded
@@ -51,6 +52,22 @@ struct Tree {
     while (a + 1 < L && in_range(at(p, a + 1)) && match(at(p, a + 1))) ++a;
     return a;
   }
+};
+
+// The trees of a batch: paths [P, L] give one tree shared by every sequence, paths [B, P, L] one per sequence
+// (each with its own parents).
+struct Trees {
+  std::vector<Tree> trees;
+  int64_t L;
+
+  Trees(const at::Tensor& paths, int64_t num_nodes) : L(paths.size(-1)) {
+    if (paths.dim() == 2) {
+      trees.emplace_back(paths, num_nodes);
+    } else {
+      for (int64_t b = 0; b < paths.size(0); ++b) trees.emplace_back(paths.select(0, b), num_nodes);
+    }
+  }
+  const Tree& operator[](int64_t b) const { return trees.size() == 1 ? trees[0] : trees[b]; }
 };
 
 // accept_len [B], out_tokens [B, L] and accepted_nodes [B, L] for sequence b, as reference._gather_outputs.
@@ -101,15 +118,16 @@ void row_argmax(const at::Tensor& logits, std::vector<int64_t>& argmax) {
 Outputs accept_greedy_cpu(const at::Tensor& logits, const at::Tensor& candidates, const at::Tensor& paths) {
   check_accept("accept_greedy", logits, candidates, paths);
   const int64_t B = logits.size(0), N = logits.size(1);
-  const Tree tree(paths, N);
+  const Trees trees(paths, N);
   std::vector<int64_t> argmax(B * N);  // [B, N]
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "hydra_fast.accept_greedy",
                                   [&] { row_argmax<scalar_t>(logits, argmax); });
-  auto [accept_len, out_tokens, accepted_nodes] = empty_outputs(logits, tree.L);
+  auto [accept_len, out_tokens, accepted_nodes] = empty_outputs(logits, trees.L);
   const int64_t* cand = candidates.const_data_ptr<int64_t>();
   const int64_t cs0 = candidates.stride(0), cs1 = candidates.stride(1);
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
+      const Tree& tree = trees[b];
       const int64_t* am = argmax.data() + b * N;
       auto match = [&](int64_t node) { return am[tree.parent_row(node)] == cand[b * cs0 + node * cs1]; };
       int64_t best = 0, best_len = -1;
@@ -155,10 +173,10 @@ void row_stats(const at::Tensor& logits, double temperature, std::vector<RowStat
 }
 
 template <typename scalar_t>
-Outputs accept_typical_impl(const at::Tensor& logits, const at::Tensor& candidates, const Tree& tree,
+Outputs accept_typical_impl(const at::Tensor& logits, const at::Tensor& candidates, const Trees& trees,
                             const float* uniform, int64_t uniform_s0, double temperature, double posterior_threshold,
                             double posterior_alpha) {
-  const int64_t B = logits.size(0), N = logits.size(1), V = logits.size(2), L = tree.L;
+  const int64_t B = logits.size(0), N = logits.size(1), V = logits.size(2), L = trees.L;
   std::vector<RowStats> stats(B * N);  // [B, N]
   row_stats<scalar_t>(logits, temperature, stats);
   auto [accept_len, out_tokens, accepted_nodes] = empty_outputs(logits, L);
@@ -172,6 +190,7 @@ Outputs accept_typical_impl(const at::Tensor& logits, const at::Tensor& candidat
     std::vector<char> match(N);
     std::vector<double> cdf(V);
     for (int64_t b = begin; b < end; ++b) {
+      const Tree& tree = trees[b];
       auto logp = [&](int64_t row, int64_t v) {
         const RowStats& st = stats[b * N + row];
         return (static_cast<double>(lp[b * ls0 + row * ls1 + v]) / temperature - st.max) - st.log_sum;
@@ -216,10 +235,10 @@ Outputs accept_typical_cpu(const at::Tensor& logits, const at::Tensor& candidate
                            double posterior_alpha) {
   check_accept("accept_typical", logits, candidates, paths);
   check_accept_typical_extra(logits, uniform, temperature, posterior_threshold, posterior_alpha);
-  const Tree tree(paths, logits.size(1));
+  const Trees trees(paths, logits.size(1));
   Outputs out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "hydra_fast.accept_typical", [&] {
-    out = accept_typical_impl<scalar_t>(logits, candidates, tree, uniform.const_data_ptr<float>(), uniform.stride(0),
+    out = accept_typical_impl<scalar_t>(logits, candidates, trees, uniform.const_data_ptr<float>(), uniform.stride(0),
                                         temperature, posterior_threshold, posterior_alpha);
   });
   return out;

@@ -1,8 +1,8 @@
 // CPU lossless tree sampling (point-mass multi-round rejection), see reference.accept_sample. One task per
-// sequence walks the tree from the root: the children of the expanded node are tried in first-child /
-// next-sibling order, child c accepted when u[c] * (row total - rejected mass) < residual(c); the bonus token is
-// the first vocabulary index whose running sum of the residual (rejected tokens zeroed, double, in order, as
-// torch's CPU cumsum) exceeds u[0] * its total.
+// sequence walks the tree from the root (the batch's one tree, or the sequence's own for links [B, N]): the
+// children of the expanded node are tried in first-child / next-sibling order, child c accepted when
+// u[c] * (row total - rejected mass) < residual(c); the bonus token is the first vocabulary index whose running
+// sum of the residual (rejected tokens zeroed, double, in order, as torch's CPU cumsum) exceeds u[0] * its total.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -65,8 +65,7 @@ Outputs accept_sample_cpu(const at::Tensor& probs, const at::Tensor& candidates,
   at::Tensor accept_len = at::empty({B}, opts), out_tokens = at::empty({B, L}, opts);
   at::Tensor accepted_nodes = at::empty({B, L}, opts);
   const at::Tensor fc_t = first_child.contiguous(), ns_t = next_sibling.contiguous();
-  const int64_t* fc = fc_t.const_data_ptr<int64_t>();
-  const int64_t* ns = ns_t.const_data_ptr<int64_t>();
+  const int64_t links_sb = first_child.dim() == 2 ? N : 0;  // one tree per sequence [B, N], or one for all [N]
   const float* pp = probs.const_data_ptr<float>();
   const int64_t ps0 = probs.stride(0), ps1 = probs.stride(1);
   const int64_t* cand = candidates.const_data_ptr<int64_t>();
@@ -81,6 +80,8 @@ Outputs accept_sample_cpu(const at::Tensor& probs, const at::Tensor& candidates,
 
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
+      const int64_t* fc = fc_t.const_data_ptr<int64_t>() + b * links_sb;
+      const int64_t* ns = ns_t.const_data_ptr<int64_t>() + b * links_sb;
       int64_t* nodes = nodes_p + b * L;
       std::fill(nodes, nodes + L, -1);
       nodes[0] = 0;

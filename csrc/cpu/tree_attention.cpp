@@ -1,5 +1,6 @@
 // CPU tree attention: for each (b, q head, query) row, an online softmax over the positions the row may see,
-// the cache [0, len) and the tree slots len + j with tree_mask[i, j], in chunks of kChunk positions.
+// the cache [0, len) and the tree slots len + j with tree_mask[i, j] (tree_mask[b, i, j] for a mask per
+// sequence), in chunks of kChunk positions.
 // Scores, softmax and the weighted sum of V are all accumulated in float. See reference.tree_attention.
 // K and V are read as float: the visible prefix of a bf16/fp16 cache is converted once per call (vectorized by
 // ATen), since every row of it is read by N * Hq / Hkv queries; an fp32 cache is used as it is.
@@ -36,9 +37,10 @@ inline float dot(const float* q, const float* k, int64_t D) {
 
 // k, v: float [B, Hkv, S, D], the cache's visible prefix (positions past it are seen by no query, so bounding
 // positions by this S gives the same set as bounding them by the full cache's).
+// mask: [N, N] contiguous, sequence b's at mask + b * mask_sb (0 for one mask shared by the batch).
 template <typename scalar_t>
 void tree_attention_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const int32_t* lens,
-                         const bool* mask, float scale, at::Tensor& out) {
+                         const bool* mask, int64_t mask_sb, float scale, at::Tensor& out) {
   const int64_t B = q.size(0), Hq = q.size(1), N = q.size(2), D = q.size(3);
   const int64_t S = k.size(2), group = Hq / k.size(1);
   // The last dim of q, k and v has stride 1 (checked); the others may be anything.
@@ -61,6 +63,7 @@ void tree_attention_rows(const at::Tensor& q, const at::Tensor& k, const at::Ten
       const float* k_bh = kp + b * ks0 + (h / group) * ks1;
       const float* v_bh = vp + b * vs0 + (h / group) * vs1;
       const scalar_t* q_row = qp + b * qs0 + h * qs1 + i * qs2;
+      const bool* mask_row = mask + b * mask_sb + i * N;
       for (int64_t d = 0; d < D; ++d) qf[d] = static_cast<float>(q_row[d]);
       std::fill(acc.begin(), acc.end(), 0.f);
       float m = kNegInf, l = 0.f;
@@ -98,7 +101,7 @@ void tree_attention_rows(const at::Tensor& q, const at::Tensor& k, const at::Ten
       }
       for (int64_t j = 0; j < N; ++j) {
         const int64_t s = len + j;
-        if (s < 0 || s >= S || !mask[i * N + j]) continue;
+        if (s < 0 || s >= S || !mask_row[j]) continue;
         pos[count++] = s;
         if (count == kChunk) flush(count), count = 0;
       }
@@ -117,7 +120,8 @@ at::Tensor tree_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, co
   const int64_t B = q.size(0), Hq = q.size(1), N = q.size(2), D = q.size(3);
   at::Tensor out = at::empty({B, N, Hq, D}, q.options());  // [B, N, Hq, D]
   const at::Tensor lens = cache_lens.contiguous();
-  const at::Tensor mask = tree_mask.contiguous();
+  const at::Tensor mask = tree_mask.contiguous();  // [N, N] or [B, N, N]
+  const int64_t mask_sb = tree_mask.dim() == 3 ? N * N : 0;
   // No query sees a position at or past max_b clamp(len + N, 0, S): convert only that prefix.
   const int64_t S = k_cache.size(2);
   int64_t visible = 0;  // the max over b of what sequence b's queries can see
@@ -128,7 +132,7 @@ at::Tensor tree_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, co
   const at::Tensor v = v_cache.narrow(2, 0, visible).to(at::kFloat);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "hydra_fast.tree_attention", [&] {
     tree_attention_rows<scalar_t>(q, k, v, lens.const_data_ptr<int32_t>(), mask.const_data_ptr<bool>(),
-                                  static_cast<float>(scale), out);
+                                  mask_sb, static_cast<float>(scale), out);
   });
   return out;
 }

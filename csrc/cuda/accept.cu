@@ -20,7 +20,7 @@ Outputs accept_cuda(const char* op, bool typical, const at::Tensor& logits, cons
                     double posterior_threshold, double posterior_alpha) {
   TORCH_CHECK(logits.is_cuda(), "hydra_fast.", op, ": logits must be a CUDA tensor");
   const int64_t B = logits.size(0), N = logits.size(1), V = logits.size(2);
-  const int64_t P = paths.size(0), L = paths.size(1);
+  const int64_t P = paths.size(-2), L = paths.size(-1);
   const auto i64 = logits.options().dtype(at::kLong);
   at::Tensor accept_len = at::empty({B}, i64);        // [B]
   at::Tensor out_tokens = at::empty({B, L}, i64);     // [B, L]
@@ -42,8 +42,9 @@ Outputs accept_cuda(const char* op, bool typical, const at::Tensor& logits, cons
   p.cs0 = candidates.stride(0);
   p.cs1 = candidates.stride(1);
   p.paths = paths.const_data_ptr<int64_t>();
-  p.ps0 = paths.stride(0);
-  p.ps1 = paths.stride(1);
+  p.psb = paths.dim() == 3 ? paths.stride(0) : 0;  // [B, P, L] or one [P, L] for all
+  p.ps0 = paths.stride(-2);
+  p.ps1 = paths.stride(-1);
   if (uniform != nullptr) {
     p.uniform = uniform->const_data_ptr<float>();
     p.us0 = uniform->stride(0);

@@ -36,9 +36,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> accept_sample_cuda(const at::Tens
   p.cs0 = candidates.stride(0);
   p.cs1 = candidates.stride(1);
   p.first_child = first_child.const_data_ptr<int64_t>();
-  p.fs = first_child.stride(0);
+  p.fsb = first_child.dim() == 2 ? first_child.stride(0) : 0;  // [B, N] or one [N] for all
+  p.fs = first_child.stride(-1);
   p.next_sibling = next_sibling.const_data_ptr<int64_t>();
-  p.ns = next_sibling.stride(0);
+  p.nsb = next_sibling.dim() == 2 ? next_sibling.stride(0) : 0;
+  p.ns = next_sibling.stride(-1);
   p.uniform = uniform.const_data_ptr<float>();
   p.us0 = uniform.stride(0);
   p.us1 = uniform.stride(1);

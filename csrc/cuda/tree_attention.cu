@@ -67,8 +67,9 @@ at::Tensor tree_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, c
   p.lens = cache_lens.const_data_ptr<int32_t>();
   p.lens_stride = cache_lens.stride(0);
   p.mask = tree_mask.const_data_ptr<bool>();
-  p.mask_s0 = tree_mask.stride(0);
-  p.mask_s1 = tree_mask.stride(1);
+  p.mask_sb = tree_mask.dim() == 3 ? tree_mask.stride(0) : 0;  // [B, N, N] or one [N, N] for all
+  p.mask_s0 = tree_mask.stride(-2);
+  p.mask_s1 = tree_mask.stride(-1);
   p.q_sb = q.stride(0);
   p.q_sh = q.stride(1);
   p.q_sn = q.stride(2);

@@ -85,7 +85,8 @@ def tree_attention(q, k_cache, v_cache, cache_lens, tree_mask, scale: float) -> 
 
     q [B, Hq, N, D] (any strides), k_cache / v_cache [B, Hkv, S, D] with the tree's own K/V already at
     positions [len, len + N), cache_lens int32 [B] on q's device, tree_mask bool [N, N] (row i: the nodes
-    query i may see, its ancestors and itself), Hq a multiple of Hkv. Returns [B, N, Hq, D] in q's dtype.
+    query i may see, its ancestors and itself) shared by the batch, or [B, N, N] with one tree per sequence
+    (tree_mask[b] is sequence b's), Hq a multiple of Hkv. Returns [B, N, Hq, D] in q's dtype.
     """
     return _require().tree_attention(q, k_cache, v_cache, cache_lens, tree_mask, scale)
 
@@ -105,8 +106,10 @@ def accept_greedy(logits, candidates, paths):
     """Greedy tree acceptance.
 
     logits [B, N, V], candidates int64 [B, N] (node 0 is the root), paths int64 [P, L] root-to-leaf node
-    indices, -1 padded. Returns accept_len int64 [B] (accepted drafts a; a + 1 tokens are emitted),
-    out_tokens int64 [B, L] (the a accepted tokens, then the base model's next token, then -1) and
+    indices, -1 padded, one tree for the batch; or [B, P, L], one tree per sequence (paths[b] is sequence b's,
+    its parents derived from its own paths; trees of different sizes padded with -1 entries and with root-only
+    paths [0, -1, ...] after the real ones). Returns accept_len int64 [B] (accepted drafts a; a + 1 tokens are
+    emitted), out_tokens int64 [B, L] (the a accepted tokens, then the base model's next token, then -1) and
     accepted_nodes int64 [B, L] (root and accepted nodes, then -1). Ties: the lowest path index.
     """
     return _require().accept_greedy(logits, candidates, paths)
@@ -129,9 +132,10 @@ def accept_sample(probs, candidates, first_child, next_sibling, uniform, max_dep
 
     probs float32 [B, N, V] (each node's target distribution, already temperature-scaled and top-k/top-p
     filtered; rows are used as p / sum p), candidates int64 [B, N], first_child / next_sibling int64 [N] (each
-    node's children in the order they are tried, -1 terminated: TreeBuffers.first_child / next_sibling),
-    uniform float32 [B, N] in [0, 1) ([b, n] decides node n's test, [b, 0] draws the bonus token), max_depth
-    the tree's depth. Returns as accept_greedy with L = max_depth + 1.
+    node's children in the order they are tried, -1 terminated: TreeBuffers.first_child / next_sibling), or
+    both [B, N] with one tree per sequence, uniform float32 [B, N] in [0, 1) ([b, n] decides node n's test,
+    [b, 0] draws the bonus token), max_depth the tree's depth (the deepest sequence's, for trees per sequence).
+    Returns as accept_greedy with L = max_depth + 1.
     """
     return _require().accept_sample(probs, candidates, first_child, next_sibling, uniform, max_depth)
 
@@ -210,7 +214,7 @@ def _register_fakes() -> None:
 
     def _accept_fake(logits, paths):
         B = logits.shape[0]
-        L = paths.shape[1]
+        L = paths.shape[-1]  # paths [P, L] or [B, P, L]
         i64 = dict(dtype=torch.long, device=logits.device)
         return logits.new_empty((B,), **i64), logits.new_empty((B, L), **i64), logits.new_empty((B, L), **i64)
 

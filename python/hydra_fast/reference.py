@@ -15,7 +15,7 @@ def tree_attention(
     k_cache: torch.Tensor,  # [B, Hkv, S, D]
     v_cache: torch.Tensor,  # [B, Hkv, S, D]
     cache_lens: torch.Tensor,  # int32 [B]
-    tree_mask: torch.Tensor,  # bool [N, N]
+    tree_mask: torch.Tensor,  # bool [N, N] (one tree for the batch) or [B, N, N] (one per sequence)
     scale: float,
 ) -> torch.Tensor:  # [B, N, Hq, D]
     B, Hq, N, D = q.shape
@@ -27,7 +27,7 @@ def tree_attention(
     in_cache = rel < 0  # [B, 1, S]
     in_tree = (rel >= 0) & (rel < N)  # [B, 1, S]
     tree_cols = rel.clamp(0, N - 1).expand(B, N, S)  # [B, N, S]
-    tree_ok = torch.gather(tree_mask.to(torch.bool).unsqueeze(0).expand(B, N, N), 2, tree_cols)  # [B, N, S]
+    tree_ok = torch.gather(tree_mask.to(torch.bool).expand(B, N, N), 2, tree_cols)  # [B, N, S]
     allowed = in_cache | (in_tree & tree_ok)  # [B, N, S]
     k = k_cache.float().repeat_interleave(group, dim=1)  # [B, Hq, S, D]
     v = v_cache.float().repeat_interleave(group, dim=1)  # [B, Hq, S, D]
@@ -59,20 +59,29 @@ def draft_head_mlp(
     return x
 
 
+def _per_sequence(paths: torch.Tensor, batch: int) -> torch.Tensor:
+    """paths [P, L] (one tree for the batch) or [B, P, L] (one per sequence) -> [B, P, L]."""
+    return paths.expand(batch, *paths.shape[-2:])
+
+
+def _node_values(values: torch.Tensor, paths: torch.Tensor) -> torch.Tensor:
+    """values [B, N] at the nodes after the root of each sequence's paths [B, P, L] (-1 read as node 0). [B, P, L-1]"""
+    B, P, L = paths.shape
+    return torch.gather(values, 1, paths[:, :, 1:].clamp(min=0).reshape(B, P * (L - 1))).view(B, P, L - 1)
+
+
 def _paths_accept(match: torch.Tensor, paths: torch.Tensor) -> torch.Tensor:
-    """match [B, N] bool: node's token accepted given its parent. -> accepted draft count per path [B, P]."""
-    P, L = paths.shape
-    valid = paths[:, 1:] >= 0  # [P, L-1]
-    node_ok = match[:, paths[:, 1:].clamp(min=0)] & valid.unsqueeze(0)  # [B, P, L-1]
+    """match [B, N] bool: node's token accepted given its parent; paths [B, P, L]. -> accepted drafts [B, P]."""
+    node_ok = _node_values(match, paths) & (paths[:, :, 1:] >= 0)  # [B, P, L-1]
     return torch.cumprod(node_ok.to(torch.long), dim=-1).sum(-1)  # [B, P]
 
 
 def _gather_outputs(paths, best, accept_len, candidates, extra):
-    """Accepted node indices and tokens along each sequence's best path, -1 padded. [B, L] each."""
+    """Accepted node indices and tokens along each sequence's best path (paths [B, P, L]), -1 padded. [B, L] each."""
     B = best.shape[0]
-    L = paths.shape[1]
+    L = paths.shape[-1]
     j = torch.arange(L, device=paths.device).view(1, L)  # [1, L]
-    path_nodes = paths[best]  # [B, L]
+    path_nodes = paths[torch.arange(B, device=paths.device), best]  # [B, L]
     keep = j <= accept_len.view(B, 1)  # [B, L]
     accepted_nodes = torch.where(keep, path_nodes, torch.full_like(path_nodes, -1))
     next_nodes = path_nodes.roll(-1, dims=1).clamp(min=0)  # [B, L]: the node after position j
@@ -85,48 +94,55 @@ def _gather_outputs(paths, best, accept_len, candidates, extra):
 def accept_greedy(
     logits: torch.Tensor,  # [B, N, V]
     candidates: torch.Tensor,  # int64 [B, N]
-    paths: torch.Tensor,  # int64 [P, L]
+    paths: torch.Tensor,  # int64 [P, L] (one tree for the batch) or [B, P, L] (one per sequence)
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, N, _ = logits.shape
+    paths = _per_sequence(paths, B)  # [B, P, L]
     argmax = logits.float().argmax(-1)  # [B, N]
-    parents = _parents_from_paths(paths, N)  # [N]
-    match = torch.gather(argmax, 1, parents.clamp(min=0).view(1, N).expand(B, N)) == candidates  # [B, N]
+    parents = _parents_from_paths(paths, N)  # [B, N]
+    match = torch.gather(argmax, 1, parents.clamp(min=0)) == candidates  # [B, N]
     acc = _paths_accept(match, paths)  # [B, P]
     accept_len, best = acc.max(-1)  # first path of the longest accepted length
-    last = torch.gather(paths[best], 1, accept_len.view(B, 1)).view(B)  # [B] last accepted node
+    last = _last_accepted(paths, best, accept_len)  # [B]
     extra = torch.gather(argmax, 1, last.view(B, 1)).view(B)
     return _gather_outputs(paths, best, accept_len, candidates, extra)
+
+
+def _last_accepted(paths, best, accept_len):
+    """The last accepted node of each sequence: paths[b, best[b], accept_len[b]]. [B]"""
+    B = best.shape[0]
+    return paths[torch.arange(B, device=paths.device), best, accept_len]
 
 
 def accept_typical(
     logits: torch.Tensor,  # [B, N, V]
     candidates: torch.Tensor,  # int64 [B, N]
-    paths: torch.Tensor,  # int64 [P, L]
+    paths: torch.Tensor,  # int64 [P, L] or [B, P, L]
     uniform: torch.Tensor,  # float32 [B]
     temperature: float,
     posterior_threshold: float,
     posterior_alpha: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, N, V = logits.shape
+    paths = _per_sequence(paths, B)  # [B, P, L]
     logp = torch.log_softmax(logits.double() / temperature, dim=-1)  # [B, N, V]
     p = logp.exp()
     entropy = -(p * logp).nan_to_num(0.0).sum(-1)  # [B, N]; 0 * log 0 counts as 0
     threshold = torch.clamp(posterior_alpha * torch.exp(-entropy), max=posterior_threshold)  # [B, N]
-    parents = _parents_from_paths(paths, N)  # [N]
-    par = parents.clamp(min=0).view(1, N).expand(B, N)  # [B, N]
+    par = _parents_from_paths(paths, N).clamp(min=0)  # [B, N]
     rows = torch.arange(B, device=logits.device).view(B, 1)
     cand_logp = logp[rows, par, candidates]  # [B, N] log-prob of each node's token under its parent
     match = cand_logp.exp() > torch.gather(threshold, 1, par)  # [B, N]
     acc = _paths_accept(match, paths)  # [B, P]
-    P, L = paths.shape
+    L = paths.shape[-1]
     j = torch.arange(1, L, device=paths.device).view(1, 1, L - 1)
-    node_lp = cand_logp[:, paths[:, 1:].clamp(min=0)]  # [B, P, L-1]
+    node_lp = _node_values(cand_logp, paths)  # [B, P, L-1]
     score = torch.where(j <= acc.unsqueeze(-1), node_lp, torch.zeros_like(node_lp)).sum(-1)  # [B, P]
     # longest path first, then highest total log-probability, then lowest index
     key = acc.double() * 1e6 + score
     best = key.argmax(-1)  # [B]
     accept_len = torch.gather(acc, 1, best.view(B, 1)).view(B)
-    last = torch.gather(paths[best], 1, accept_len.view(B, 1)).view(B)  # [B]
+    last = _last_accepted(paths, best, accept_len)  # [B]
     last_p = torch.gather(p, 1, last.view(B, 1, 1).expand(B, 1, V)).view(B, V)  # [B, V]
     cdf = last_p.cumsum(-1)  # [B, V]
     target = uniform.double().view(B, 1) * cdf[:, -1:]
@@ -135,18 +151,17 @@ def accept_typical(
 
 
 def _parents_from_paths(paths: torch.Tensor, num_nodes: int) -> torch.Tensor:
-    """Parent of each node (-1 for the root) from root-to-leaf paths. [N]"""
-    P, L = paths.shape
-    parents = torch.full((num_nodes,), -1, dtype=torch.long, device=paths.device)
-    child = paths[:, 1:].reshape(-1)
-    parent = paths[:, :-1].reshape(-1)
+    """Parent of each node (-1 for the root) from root-to-leaf paths: [P, L] -> [N], per sequence
+    [B, P, L] -> [B, N] (each row from its own paths)."""
+    lead = paths.shape[:-2]
+    child = paths[..., 1:].reshape(*lead, -1)
+    parent = paths[..., :-1].reshape(*lead, -1)
     ok = child >= 0
     # every (parent, child) pair along a path; scatter is deterministic since a child has one parent
     idx = torch.where(ok, child, torch.full_like(child, num_nodes))
-    buf = torch.full((num_nodes + 1,), -1, dtype=torch.long, device=paths.device)
-    buf.scatter_(0, idx, torch.where(ok, parent, torch.full_like(parent, -1)))
-    parents.copy_(buf[:num_nodes])
-    return parents
+    buf = torch.full((*lead, num_nodes + 1), -1, dtype=torch.long, device=paths.device)
+    buf.scatter_(-1, idx, torch.where(ok, parent, torch.full_like(parent, -1)))
+    return buf[..., :num_nodes].clone()
 
 
 def kv_compact(
@@ -267,15 +282,17 @@ def _walk_tree(probs, candidates, first_child, next_sibling, uniform, max_depth,
 
     ``test(residual, token, p_token, u, node)`` -> bool [B] decides a child's test and ``reject(residual, token,
     p_token, rejected, node)`` -> residual updates after a rejection; node [B] is the node being expanded.
+    first_child / next_sibling: [N] (one tree for the batch) or [B, N] (one per sequence).
     Returns (accept_len [B], out_tokens [B, L], accepted_nodes [B, L])."""
     B, N, V = probs.shape
     L = max_depth + 1
     dev = probs.device
     rows = torch.arange(B, device=dev)
+    first_child, next_sibling = first_child.expand(B, N), next_sibling.expand(B, N)  # [B, N]
     p = probs.double()  # [B, N, V]
     residual = p[:, 0].clone()  # [B, V] the expanded node's residual, unnormalised
     node = torch.zeros(B, dtype=torch.long, device=dev)  # [B] the node being expanded
-    child = first_child[0].view(1).expand(B).clone()  # [B] the child under test, -1 when none is left
+    child = first_child[:, 0].clone()  # [B] the child under test, -1 when none is left
     accept_len = torch.zeros(B, dtype=torch.long, device=dev)
     nodes = torch.full((B, L), -1, dtype=torch.long, device=dev)
     nodes[:, 0] = 0
@@ -292,7 +309,7 @@ def _walk_tree(probs, candidates, first_child, next_sibling, uniform, max_depth,
         nodes = nodes.scatter(1, slot, torch.where(accepted, c, nodes.gather(1, slot).view(B)).view(B, 1))
         residual = torch.where(accepted.view(B, 1), p[rows, c], residual)
         node = torch.where(accepted, c, node)
-        child = torch.where(accepted, first_child[c], torch.where(rejected, next_sibling[c], child))
+        child = torch.where(accepted, first_child[rows, c], torch.where(rejected, next_sibling[rows, c], child))
     # The bonus token: inverse CDF of the residual, the first v whose CDF exceeds u * total.
     cdf = residual.cumsum(-1)  # [B, V]
     target = uniform[:, 0].double().view(B, 1) * cdf[:, -1:]
@@ -308,8 +325,8 @@ def _walk_tree(probs, candidates, first_child, next_sibling, uniform, max_depth,
 def accept_sample(
     probs: torch.Tensor,  # float32 [B, N, V]: the target distribution after each node (p / sum p is used)
     candidates: torch.Tensor,  # int64 [B, N]
-    first_child: torch.Tensor,  # int64 [N]: a node's first child to try, -1 for a leaf
-    next_sibling: torch.Tensor,  # int64 [N]: the child tried after this one, -1 for the last
+    first_child: torch.Tensor,  # int64 [N] or [B, N] (per sequence): a node's first child to try, -1 for a leaf
+    next_sibling: torch.Tensor,  # int64 [N] or [B, N]: the child tried after this one, -1 for the last
     uniform: torch.Tensor,  # float32 [B, N] in [0, 1): [b, n] decides node n's test, [b, 0] draws the bonus token
     max_depth: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -338,8 +355,8 @@ def accept_sample_iid(
     probs: torch.Tensor,  # float32 [B, N, V] target distributions
     draft_probs: torch.Tensor,  # float32 [B, N, V]: q at each node, the law its children were drawn from
     candidates: torch.Tensor,  # int64 [B, N]
-    first_child: torch.Tensor,  # int64 [N]
-    next_sibling: torch.Tensor,  # int64 [N]
+    first_child: torch.Tensor,  # int64 [N] or [B, N]
+    next_sibling: torch.Tensor,  # int64 [N] or [B, N]
     uniform: torch.Tensor,  # float32 [B, N]
     max_depth: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -9,7 +9,8 @@
 // Chunks are independent, so the grid is B * N * chunks warps: the whole GPU reads the logits.
 //
 // Phase 2, accept_tree_kernel: one CTA per sequence. It merges the chunk states of each row (argmax, or
-// max / log-sum-exp / entropy), derives each node's parent from the paths, judges every node against its
+// max / log-sum-exp / entropy), derives each node's parent from the paths (the batch's one tree [P, L], or the
+// sequence's own [B, P, L]: psb, the batch stride, is 0 for the shared form), judges every node against its
 // parent's row, walks the paths, picks the best one with the reference's tie-breaking, and writes the
 // outputs. Typical's extra token is the inverse-CDF draw at the last accepted node: the chunk sums (double)
 // locate the chunk, then a block-wide scan inside that one chunk finds the first index whose CDF exceeds
@@ -32,8 +33,8 @@ struct AcceptParams {
   int64_t ls0, ls1;
   const int64_t* cand;  // [B, N]
   int64_t cs0, cs1;
-  const int64_t* paths;  // [P, L]
-  int64_t ps0, ps1;
+  const int64_t* paths;  // [P, L], sequence b's at paths + b * psb
+  int64_t psb, ps0, ps1;  // psb: 0 for one tree shared by the batch
   const float* uniform;  // [B] (typical)
   int64_t us0;
   float4* states;  // [B, N, chunks] phase-1 scratch
@@ -247,8 +248,9 @@ __global__ void __launch_bounds__(kTreeThreads) accept_tree_kernel(const AcceptP
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const float4* st = p.states + static_cast<int64_t>(b) * N * p.chunks;
   const T* lg = static_cast<const T*>(p.logits) + b * p.ls0;
+  const int64_t* paths = p.paths + b * p.psb;  // this sequence's tree
   auto path_at = [&](int q, int j) -> int64_t {
-    return paths_in_smem ? static_cast<int64_t>(paths_s[q * L + j]) : p.paths[q * p.ps0 + j * p.ps1];
+    return paths_in_smem ? static_cast<int64_t>(paths_s[q * L + j]) : paths[q * p.ps0 + j * p.ps1];
   };
 
   // 0. Stage the tree and the drafted tokens.
@@ -258,7 +260,7 @@ __global__ void __launch_bounds__(kTreeThreads) accept_tree_kernel(const AcceptP
   }
   if (paths_in_smem) {
     for (int idx = tid; idx < P * L; idx += kTreeThreads) {
-      const int64_t v = p.paths[(idx / L) * p.ps0 + (idx % L) * p.ps1];
+      const int64_t v = paths[(idx / L) * p.ps0 + (idx % L) * p.ps1];
       paths_s[idx] = static_cast<int>(max(min(v, int64_t(0x7fffffff)), int64_t(-1)));  // < 0 only matters as < 0
     }
   }

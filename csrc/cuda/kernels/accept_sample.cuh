@@ -1,5 +1,5 @@
 // Lossless tree sampling (point-mass multi-round rejection), see reference.accept_sample. One CTA per sequence
-// walks the tree from the root:
+// walks the tree from the root (the batch's one tree, links [N], or the sequence's own, links [B, N]):
 //   1. the block sums the expanded node's probability row (double);
 //   2. thread 0 tries the node's children in first-child / next-sibling order: child c is accepted when
 //      u[c] * (total - rejected mass) < residual(token of c), a rejected token's residual entry becomes 0 (its
@@ -23,10 +23,10 @@ struct AcceptSampleParams {
   int64_t ps0, ps1;
   const int64_t* cand;  // [B, N]
   int64_t cs0, cs1;
-  const int64_t* first_child;  // [N]
-  int64_t fs;
-  const int64_t* next_sibling;  // [N]
-  int64_t ns;
+  const int64_t* first_child;  // [N], sequence b's at first_child + b * fsb
+  int64_t fsb, fs;             // fsb: 0 for one tree shared by the batch
+  const int64_t* next_sibling;  // [N], sequence b's at next_sibling + b * nsb
+  int64_t nsb, ns;
   const float* uniform;  // [B, N]
   int64_t us0, us1;
   int64_t* accept_len;      // [B]
@@ -72,13 +72,15 @@ __global__ void __launch_bounds__(kSampleThreads) accept_sample_kernel(const Acc
   const int N = p.N, L = p.L;
   const int64_t V = p.V;
   const float* rows = p.probs + b * p.ps0;
+  const int64_t* first_child = p.first_child + b * p.fsb;  // this sequence's tree
+  const int64_t* next_sibling = p.next_sibling + b * p.nsb;
   auto clamp_node = [&](int64_t n) { return static_cast<int>(min(max(n, int64_t(0)), int64_t(N - 1))); };
   auto token_of = [&](int n) { return min(max(p.cand[b * p.cs0 + n * p.cs1], int64_t(0)), V - 1); };
   for (int j = tid; j < L; j += kSampleThreads) nodes[j] = j == 0 ? 0 : -1;
 
   // Thread 0's walk state (only thread 0 reads it).
   int node = 0, a = 0, tests = 0;
-  int64_t child = p.first_child[0];
+  int64_t child = first_child[0];
   while (true) {
     const float* row = rows + node * p.ps1;
     double part = 0.0;
@@ -97,13 +99,13 @@ __global__ void __launch_bounds__(kSampleThreads) accept_sample_kernel(const Acc
           break;
         }
         if (p_tok != 0.0) rej[nrej++] = tok, removed += p_tok;
-        child = p.next_sibling[c * p.ns];
+        child = next_sibling[c * p.ns];
       }
       if (next >= 0) {
         ++a;
         nodes[min(a, L - 1)] = next;
         node = next;
-        child = p.first_child[next * p.fs];
+        child = first_child[next * p.fs];
       }
       s_next = next;
       s_nrej = nrej;

@@ -1,5 +1,6 @@
 // Tree attention: the N newest tokens of each sequence (a draft tree) attend to the KV cache [0, len) and to
-// the tree slots len + j that tree_mask allows. See reference.tree_attention (the specification).
+// the tree slots len + j that tree_mask allows: one mask [N, N] for the batch, or one per sequence [B, N, N]
+// (mask_sb, the batch stride, is 0 for the shared form). See reference.tree_attention (the specification).
 //
 // Split-KV flash decoding. A CTA owns (row tile, KV chunk, kv head, b): all its rows share one kv head, so one
 // CTA streams its chunk of K/V once for every query head of the GQA group and every tree node (row r of a kv
@@ -28,10 +29,10 @@ struct TreeAttnParams {
   const void* v;
   void* out;               // [B, N, Hq, D] contiguous
   const int32_t* lens;     // [B]
-  const bool* mask;        // [N, N]
+  const bool* mask;        // [N, N], sequence b's at mask + b * mask_sb
   float* part_o;           // [chunks, B, N, Hq, D], unnormalised (num_chunks > 1)
   float2* part_ml;         // [chunks, B, N, Hq]: (max in log2 units, sum of exp2)
-  int64_t lens_stride, mask_s0, mask_s1;
+  int64_t lens_stride, mask_sb, mask_s0, mask_s1;  // mask_sb: 0 for one mask shared by the batch
   int64_t q_sb, q_sh, q_sn;
   int64_t k_sb, k_sh, k_ss;
   int64_t v_sb, v_sh, v_ss;
@@ -49,6 +50,7 @@ struct SeqRange {
   int64_t len;    // cache_lens[b], as given
   int cache_end;  // [0, cache_end) is visible to every query
   int kv_end;     // [cache_end, kv_end) is the tree: slot pos is node pos - len, visible iff tree_mask allows
+  const bool* mask;  // this sequence's tree_mask
 };
 
 __device__ __forceinline__ SeqRange seq_range(const TreeAttnParams& p, int b) {
@@ -56,6 +58,7 @@ __device__ __forceinline__ SeqRange seq_range(const TreeAttnParams& p, int b) {
   r.len = p.lens[b * p.lens_stride];
   r.cache_end = static_cast<int>(min(max(r.len, int64_t(0)), int64_t(p.S)));
   r.kv_end = static_cast<int>(min(max(r.len + p.N, int64_t(0)), int64_t(p.S)));
+  r.mask = p.mask + b * p.mask_sb;
   return r;
 }
 
@@ -70,7 +73,7 @@ __device__ __forceinline__ int chunks_used(int kv_end, int num_chunks) {
 
 __device__ __forceinline__ bool visible(const TreeAttnParams& p, const SeqRange& sr, int kv_stop, int pos, int node) {
   return pos < sr.cache_end ||
-         (pos < kv_stop && p.mask[node * p.mask_s0 + (static_cast<int64_t>(pos) - sr.len) * p.mask_s1]);
+         (pos < kv_stop && sr.mask[node * p.mask_s0 + (static_cast<int64_t>(pos) - sr.len) * p.mask_s1]);
 }
 
 // ================================================================ tensor-core path (fp16 / bf16, D = 64 or 128)
