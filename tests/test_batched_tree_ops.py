@@ -305,7 +305,8 @@ def test_opcheck(device, op):
 
 
 @needs_extension
-def test_compile_fullgraph(device):
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile_fullgraph(device, backend):
     for op in TREE_OPS:
         require_kernel(op, device)
     inputs = [small_batched(op, device) for op in TREE_OPS]
@@ -315,7 +316,7 @@ def test_compile_fullgraph(device):
                 ops.accept_sample(*sample))
 
     torch._dynamo.reset()
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(step, fullgraph=True, backend=backend)
     got, want = compiled(*inputs), step(*inputs)
     assert torch.equal(got[0], want[0])
     for g, w in zip(got[1:], want[1:]):
