@@ -4,7 +4,7 @@
         [--prompts FILE] [--num-prompts 80] [--max-new-tokens 128] [--hf-prompts N]
         [--methods hf,hf_static,... | --method NAME ...] [--compile] [--device cuda] [--dtype bfloat16]
         [--json out/bench_decode.json] [--md ...] [--plot ...] [--answers-dir DIR] [--deadline-s 480]
-        [--context-draft M [--context-methods plain,hydra++]]
+        [--context-draft M [--context-methods plain,hydra++]] [--dynamic-methods hydra++ [--dynamic-tree SPEC]]
 
 One process, one machine, the same prompts for every method (gpt-fast ``generate.py``, Spec-Bench). The prompt loop
 is outermost, so when the deadline stops the run every method has seen the same prompts; HF methods run on every
@@ -89,11 +89,11 @@ class EagerPhasedRunner:
     def __call__(self):
         e = self.engine
         t0 = time.perf_counter()
-        cand = e.draft()
+        cand, tree = e.draft()
         t1 = time.perf_counter()
-        hidden, logits = e.verify(cand)
+        hidden, logits = e.verify(cand, tree)
         t2 = time.perf_counter()
-        result = e.accept(cand, hidden, logits)
+        result = e.accept(cand, hidden, logits, tree)
         t3 = time.perf_counter()
         self.last_split_ms = dict(draft=(t1 - t0) * 1e3, verify=(t2 - t1) * 1e3, accept=(t3 - t2) * 1e3)
         return result
@@ -203,7 +203,13 @@ def parse_args(argv=None):
     ap.add_argument("--context-draft", type=int, default=0, metavar="M",
                     help="M > 0: add <method>_ctx variants of --context-methods, their trees with a context chain of "
                     "M nodes (tokens found in the prompt and the text so far; plain_ctx is prompt-lookup decoding)")
-    ap.add_argument("--context-methods", default="plain,hydra++")
+    ap.add_argument("--context-methods", default="plain,hydra++",
+                    help="methods that get a _ctx variant (a _dyn method too, e.g. hydra++_dyn)")
+    ap.add_argument("--dynamic-methods", default="", metavar="KINDS",
+                    help="add <kind>_dyn variants of these head kinds (e.g. medusa,hydra,hydra++), decoding with the "
+                         "dynamic tree --dynamic-tree instead of --tree")
+    ap.add_argument("--dynamic-tree", default="dynamic", metavar="SPEC",
+                    help="the _dyn methods' tree: 'dynamic' or 'dynamic:nodes=63,depth=4,topk=8,width=8'")
     ap.add_argument("--hf-compile", choices=["auto", "on", "off"], default="auto",
                     help="run hf_static_compile (auto: on CUDA only; compiling on 2 CPU cores takes minutes)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -253,13 +259,17 @@ def main(argv=None) -> int:
     from hydra_fast.tree import Tree
 
     sized = "mc_sim_7b_63" if tree == "auto" else tree  # auto trees come from calibration: at most 64 nodes, depth 5
-    tree_nodes = Tree.from_choices(sized).num_nodes
-    max_len = max(Tree.from_choices(sized).max_depth + 1, 6 if tree == "auto" else 0, args.context_draft + 1)
+    trees = [Tree.from_choices(sized)]
+    if args.dynamic_methods:
+        trees.append(Tree.from_choices(args.dynamic_tree))
+    tree_nodes = max(t.num_nodes for t in trees)
+    max_len = max(max(t.max_depth for t in trees) + 1, 6 if tree == "auto" else 0, args.context_draft + 1)
     longest = max(ids.shape[1] for _, ids in prompts)
     max_cache_len = (longest + args.max_new_tokens + tree_nodes + args.context_draft + 8 + 63) // 64 * 64
 
     meta = C.run_metadata(device, hydra_fast)
     meta.update(model=model_id, dtype=str(dtype).removeprefix("torch."), tree=args.tree, tree_nodes=tree_nodes,
+                dynamic_tree=args.dynamic_tree if args.dynamic_methods else None,
                 max_new_tokens=args.max_new_tokens, num_prompts=len(prompts), hf_prompts=hf_prompts,
                 max_cache_len=max_cache_len, context_draft=args.context_draft, prompts_file=report_notes.get("prompts_file"),
                 categories=sorted(set(categories.values())), do_sample=args.do_sample,
@@ -268,8 +278,10 @@ def main(argv=None) -> int:
     names = [n.strip() for n in (args.method or args.methods.split(",")) if n.strip()]
     if args.compile:
         names += [f"{n.strip()}_compile" for n in args.compile_methods.split(",") if n.strip() in OUR_KINDS]
+    names += [f"{n.strip()}_dyn" for n in args.dynamic_methods.split(",") if n.strip() in OUR_KINDS]
     if args.context_draft:
-        names += [f"{n.strip()}_ctx" for n in args.context_methods.split(",") if n.strip() in OUR_KINDS]
+        names += [f"{n.strip()}_ctx" for n in args.context_methods.split(",")
+                  if n.strip().removesuffix("_dyn") in OUR_KINDS]
     if any(n.endswith("_compile") and n not in HF_METHODS for n in names) and "plain_compile" not in names:
         names.append("plain_compile")  # a compiled method's speed-up is over compiled plain decoding
     names = list(dict.fromkeys(names))
@@ -335,14 +347,16 @@ def main(argv=None) -> int:
                 if name in HF_METHODS:
                     m = hf_method(name, base, args, device, max_cache_len)
                 else:
-                    key = name.removesuffix("_compile").removesuffix("_ctx")
+                    key = name.removesuffix("_compile").removesuffix("_ctx").removesuffix("_dyn")
                     if key not in OUR_KINDS:
                         raise ValueError(f"unknown method {name!r}")
                     kind = OUR_KINDS[key]
                     if kind is not None and kind not in heads_cache:
                         heads_cache[kind] = resolve_heads(kind, base, args, report["notes"])
                     heads, label = heads_cache[kind] if kind else (None, "none")
-                    m = our_method(name, kind, heads, label, base, args, method_tree(tree, label, device, context_len(name, args)),
+                    own_tree = args.dynamic_tree if "_dyn" in name else tree
+                    m = our_method(name, kind, heads, label, base, args,
+                                   method_tree(own_tree, label, device, context_len(name, args)),
                                    max_cache_len, name.endswith("_compile"))
                 methods[name] = m
                 for _ in range(2 if name == "hf_static_compile" else 1):  # cudagraph trees record on the 2nd call

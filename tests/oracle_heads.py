@@ -107,3 +107,52 @@ def padded_batch(prompts: list[torch.Tensor], side: str, pad: int = 0) -> tuple[
         cols = slice(T - n, T) if side == "left" else slice(0, n)
         ids[b, cols], mask[b, cols] = p[0], 1
     return ids, mask
+
+
+class _RecordingHead(torch.nn.Module):
+    """A real head that remembers the path tokens of its last call (the dynamic oracle reads them)."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.head = head
+        self.path_len = head.path_len
+        self.lm_head = head.lm_head
+        self.last_path = None
+
+    def forward(self, hidden, path_tokens, embed_weight, impl):
+        self.last_path = path_tokens
+        return self.head(hidden, path_tokens, embed_weight, impl)
+
+
+class DynamicOracleHeads(OracleHeads):
+    """The oracle for dynamic trees: wherever a head is asked to continue the true sequence (its path tokens
+    are the true ones; Medusa heads see no path and are asked at every frontier node), its top draft is the true
+    next token with log-probability ~0, and its other k - 1 drafts are surely wrong with log-probability <= -1;
+    past ``wrong_after`` drafts, or off the true path, all k drafts are wrong. The real heads still run (their
+    outputs are replaced), so the dynamic tree's expansion, selection and layout are what is tested: a row accepts
+    exactly ``min(wrong_after, depth)`` drafts every step only if the tree keeps the true chain."""
+
+    def __init__(self, real_heads, sequences, wrong_after=99):
+        super().__init__(real_heads, sequences, wrong_after)
+        self.heads = torch.nn.ModuleList(_RecordingHead(h) for h in real_heads.heads)
+
+    def draft_scores(self, i, x, base_lm_head, k):
+        logp, _ = self.real.draft_scores(i, x, base_lm_head, k)
+        R, depth = x.shape[0], i + 1
+        B = self.lens.shape[0]
+        b = torch.arange(R, device=x.device) // (R // B)  # row -> sequence (frontier rows are contiguous)
+        lens = self.lens.to(torch.long)[b]
+        seq = self.seq[:B][b]  # [R, T]
+        T = seq.shape[1]
+        truth = seq.gather(1, (lens + depth).clamp(max=T - 1).view(R, 1)).view(R)
+        path = self.heads[i].last_path
+        on_path = torch.ones(R, dtype=torch.bool, device=x.device)
+        if self.heads[i].path_len > 0:
+            n = path.shape[1]
+            idx = (lens.view(R, 1) + torch.arange(n, device=x.device).view(1, n)).clamp(max=T - 1)
+            on_path = (seq.gather(1, idx) == path).all(dim=1)
+        right = on_path & (depth <= self.wrong_after[:B][b])
+        j = torch.arange(k, device=x.device).view(1, k)
+        ids = (truth.view(R, 1) + j + (~right).long().view(R, 1)) % self.real.config.vocab_size
+        scores = -(j + (~right).long().view(R, 1)).to(logp.dtype)
+        return scores, ids

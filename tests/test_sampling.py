@@ -474,6 +474,7 @@ STAT_CASES = [
     pytest.param(("tiny", 0.7, 0, 0.9), marks=pytest.mark.slow),
     pytest.param(("chain4", 1.3, 5, 1.0), marks=pytest.mark.slow),
     (STAR6, 0.7, 0, 1.0),
+    ("dynamic:nodes=8,depth=2,topk=4,width=2", 0.8, 0, 0.95),  # a tree the heads reshape every step
 ]
 
 
@@ -484,7 +485,8 @@ def stat_model(tiny_lm, device, use_kernels=True):
     return HydraModel(base, heads, max_cache_len=96, use_kernels=use_kernels, max_batch_size=64)
 
 
-@pytest.mark.parametrize("case", STAT_CASES, ids=["mc_sim-T1", "tiny-T0.7-p0.9", "chain4-T1.3-k5", "star6-T0.7"])
+@pytest.mark.parametrize("case", STAT_CASES, ids=["mc_sim-T1", "tiny-T0.7-p0.9", "chain4-T1.3-k5", "star6-T0.7",
+                                        "dynamic-T0.8-p0.95"])
 def test_generate_samples_the_base_law(tiny_lm, device, case):
     tree, T, top_k, top_p = case
     model = stat_model(tiny_lm, device, use_kernels=ops.has_kernels(device))

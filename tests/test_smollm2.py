@@ -112,3 +112,19 @@ def test_shipped_heads_draft_for_smollm2_and_keep_greedy_output(smollm2, kind):
     steps = out.accept_lengths[0]
     tau = sum(steps) / len(steps)
     assert tau > 1.3, f"{kind}: {tau:.2f} tokens per step: these heads do not draft for SmolLM2"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["medusa", "hydra", "hydra++"])
+def test_shipped_heads_with_a_dynamic_tree_keep_greedy_output(smollm2, kind):
+    import hydra_fast
+
+    tok, base = smollm2
+    heads = DraftHeads.from_pretrained(hydra_fast.default_heads_path(kind), base)
+    model = HydraModel(base, heads, max_cache_len=1024, tree="dynamic:nodes=24,depth=3,topk=6,width=4")
+    ids = prompts(tok, 2)[1]
+    ref = base.generate(ids, max_new_tokens=64, do_sample=False)
+    out = model.generate(ids, max_new_tokens=64, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ref), tok.decode(out.sequences[0, ids.shape[1]:])
+    steps = out.accept_lengths[0]
+    assert sum(steps) / len(steps) > 1.5, f"{kind}: {steps}: the dynamic tree's drafts were rarely accepted"

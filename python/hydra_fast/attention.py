@@ -23,7 +23,7 @@ class TreeAttention:
     """What one verify forward's attention needs besides Q, K and V."""
 
     lens: torch.Tensor  # int32 [B]: cached tokens before this forward's N new ones
-    tree_mask: torch.Tensor  # bool [N, N]: row i = the new tokens query i may see
+    tree_mask: torch.Tensor  # bool [N, N] or per sequence [B, N, N]: row i = the new tokens query i may see
     impl: object  # module with tree_attention (hydra_fast.ops kernels or hydra_fast.reference)
 
 

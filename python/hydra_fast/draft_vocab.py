@@ -162,8 +162,8 @@ class DraftVocab(nn.Module):
         self._compact[slot] = (key, weight, bias)
         return weight, bias
 
-    def topk(self, slot: int, x: torch.Tensor, lm_head: nn.Module, k: int) -> torch.Tensor:
-        """Token ids [R, k] of the k largest compact logits of x [R, d] (real ids, not draft positions).
+    def logits(self, slot: int, x: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
+        """Compact logits [R, V'] of x [R, d]: column j is token ``self.ids[j]``.
 
         Under torch.compile the compact head gathered before (``prepare``) is used as it is."""
         if torch.compiler.is_compiling():
@@ -174,5 +174,9 @@ class DraftVocab(nn.Module):
             weight, bias = kept[1], kept[2]
         else:
             weight, bias = self.prepare(slot, lm_head)
-        positions = torch.topk(linear(x, weight, bias), k, dim=-1).indices  # [R, k] in 0..V'-1
+        return linear(x, weight, bias)
+
+    def topk(self, slot: int, x: torch.Tensor, lm_head: nn.Module, k: int) -> torch.Tensor:
+        """Token ids [R, k] of the k largest compact logits of x [R, d] (real ids, not draft positions)."""
+        positions = torch.topk(self.logits(slot, x, lm_head), k, dim=-1).indices  # [R, k] in 0..V'-1
         return self.ids[positions]

@@ -13,13 +13,14 @@ from dataclasses import dataclass
 
 import torch
 
-from hydra_fast import context, ops
+from hydra_fast import context, dynamic_tree, ops
 from hydra_fast.attention import TreeAttention, register, use_tree_attention
 from hydra_fast.cache import TreeKVCache
 from hydra_fast.compat import cache_kwarg
 from hydra_fast.fastpath import FusedDecoder, FusedLayer, NotFusable
 from hydra_fast.matmul import lm_head_logits
 from hydra_fast.sampling import filter_logits, inverse_cdf, target_probs, top_p_filter  # noqa: F401
+from hydra_fast.dynamic_tree import DynamicTree, StepTree
 from hydra_fast.tree import Tree
 
 
@@ -56,7 +57,7 @@ def rows_at(seq: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 class SpeculativeEngine:
-    def __init__(self, base, heads, tree: Tree, batch_size: int, capacity: int,
+    def __init__(self, base, heads, tree: Tree | DynamicTree, batch_size: int, capacity: int,
                  sampling: SamplingConfig = SamplingConfig(), use_kernels: bool = True,
                  fused: FusedDecoder | None = None):
         """``fused``: the base's layers as fused ops (``fastpath.FusedDecoder.build``); None runs the HF modules.
@@ -75,6 +76,9 @@ class SpeculativeEngine:
         self.backbone = getattr(base, base.base_model_prefix)
         self.lm_head = base.get_output_embeddings()
         self.embed_weight = base.get_input_embeddings().weight
+        if heads is not None and tree.heads_depth > len(heads.heads):
+            raise ValueError(f"the tree is {tree.heads_depth} deep but there are only {len(heads.heads)} heads: use "
+                             f"a tree of depth <= {len(heads.heads)}")
         if heads is not None:
             heads.prepare_draft(self.lm_head)  # a reduced draft vocabulary's compact LM heads, before any capture
         self.bufs = tree.buffers(device)
@@ -93,7 +97,7 @@ class SpeculativeEngine:
                     self.fused_prefix = None
             self.prefix_cache = TreeKVCache(1, batch_size, kv_heads, head_dim, capacity, dtype, device,
                                             lens=self.cache.lens)
-        B, L = batch_size, self.bufs.paths.shape[1]
+        B, L = batch_size, self.bufs.max_depth + 1
         self.root = torch.zeros(B, dtype=torch.long, device=device)  # next token to verify (tree node 0)
         self.hidden = torch.zeros(B, cfg.hidden_size, dtype=dtype, device=device)  # heads' input
         self.result = torch.full((B, 1 + L), -1, dtype=torch.long, device=device)
@@ -138,19 +142,25 @@ class SpeculativeEngine:
                                           **{self.cache_kw: self.prefix_cache})
         return out[0] if isinstance(out, tuple) else out
 
-    def draft(self) -> torch.Tensor:
-        """Candidate tokens of every tree node [B, N] (node 0 is the root)."""
+    def draft(self) -> tuple[torch.Tensor, StepTree]:
+        """Candidate tokens of every tree node [B, N] (node 0 is the root) and the step's tree: the static
+        tree's buffers, or the dynamic tree built from this step's drafts (one per sequence)."""
         M = self.bufs.context_len
-        if self.heads is None and M == 0:
-            return self.root.view(-1, 1)  # [B, 1]
-        if self.heads is None:
-            candidates = torch.cat([self.root.view(-1, 1), self.root.new_zeros(self.batch_size, M)], dim=1)
+        if self.bufs.dynamic:
+            candidates, tree = dynamic_tree.draft(self.heads, self.hidden, self.root, self.bufs, self.embed_weight,
+                                                  self.lm_head, self.impl)
         else:
-            candidates = self.heads.draft(self.hidden, self.root, self.bufs, self.embed_weight, self.lm_head,
-                                          self.impl)
+            tree = self.bufs.step_tree()
+            if self.heads is None and M == 0:
+                return self.root.view(-1, 1), tree  # [B, 1]
+            if self.heads is None:
+                candidates = torch.cat([self.root.view(-1, 1), self.root.new_zeros(self.batch_size, M)], dim=1)
+            else:
+                candidates = self.heads.draft(self.hidden, self.root, self.bufs, self.embed_weight, self.lm_head,
+                                              self.impl)
         if M > 0:  # the context chain: the last N - M .. N - 1 nodes
             candidates[:, -M:] = context.draft(self.history, self.cache.lens + 1, M)
-        return candidates
+        return candidates, tree
 
     def reseed(self, seed: int) -> None:
         """Seed the sampling generator (``generate`` does, from the user's generator or torch's default one)."""
@@ -162,16 +172,16 @@ class SpeculativeEngine:
         if self.sampling.do_sample:
             self.uniform.uniform_(generator=self.generator)
 
-    def _accept(self, logits, candidates):
+    def _accept(self, logits, candidates, tree: StepTree):
         s = self.sampling
         if not s.do_sample:
-            return self.impl.accept_greedy(logits, candidates, self.bufs.paths)
+            return self.impl.accept_greedy(logits, candidates, tree.paths)
         if s.acceptance == "typical":
             logits = filter_logits(logits, s.temperature, s.top_k, s.top_p)  # [B, N, V] float32
-            return self.impl.accept_typical(logits, candidates, self.bufs.paths, self.uniform[:, 0], s.temperature,
+            return self.impl.accept_typical(logits, candidates, tree.paths, self.uniform[:, 0], s.temperature,
                                             s.posterior_threshold, s.posterior_alpha)
         probs = target_probs(logits, s.temperature, s.top_k, s.top_p)  # [B, N, V] float32
-        return self.impl.accept_sample(probs, candidates, self.bufs.first_child, self.bufs.next_sibling,
+        return self.impl.accept_sample(probs, candidates, tree.first_child, tree.next_sibling,
                                        self.uniform, self.bufs.max_depth)
 
     def _heads_input(self, hidden_seq, nodes, accept_len, position_ids) -> torch.Tensor:
@@ -235,24 +245,24 @@ class SpeculativeEngine:
         self.hidden.copy_(h_last)
         return first
 
-    def verify(self, candidates) -> tuple[torch.Tensor, torch.Tensor]:
+    def verify(self, candidates, tree: StepTree) -> tuple[torch.Tensor, torch.Tensor]:
         """One base forward over the tree. -> hidden [B, N, d], logits [B, N, V]."""
         lens = self.cache.lens
-        pos = lens.to(torch.long).view(-1, 1) + self.bufs.depth.view(1, -1)  # [B, N]
-        hidden = self._forward(candidates, pos, self.bufs.tree_mask)  # [B, N, d]
+        pos = lens.to(torch.long).view(-1, 1) + tree.depth.view(-1, candidates.shape[1])  # [B, N]
+        hidden = self._forward(candidates, pos, tree.tree_mask)  # [B, N, d]
         return hidden, lm_head_logits(self.lm_head, hidden)
 
-    def accept(self, candidates, hidden, logits) -> torch.Tensor:
+    def accept(self, candidates, hidden, logits, tree: StepTree) -> torch.Tensor:
         """Accept, compact the KV cache, advance the state; fills and returns ``self.result``."""
-        self.commit(*self.select(candidates, hidden, logits))
+        self.commit(*self.select(candidates, hidden, logits, tree))
         return self.result
 
-    def select(self, candidates, hidden, logits) -> tuple[torch.Tensor, torch.Tensor]:
+    def select(self, candidates, hidden, logits, tree: StepTree) -> tuple[torch.Tensor, torch.Tensor]:
         """The accepting half of ``accept``: choose each sequence's path, set the heads' next input, the next
         root and ``self.result``. The KV cache and ``lens`` are left to ``commit``. -> (nodes [B, L], accept_len [B])"""
         lens = self.cache.lens
         B = lens.shape[0]
-        accept_len, out_tokens, nodes = self._accept(logits, candidates)
+        accept_len, out_tokens, nodes = self._accept(logits, candidates, tree)
         L = nodes.shape[1]
         prefix_pos = lens.to(torch.long).view(B, 1) + torch.arange(L, device=self.device).view(1, L)
         self.hidden.copy_(self._heads_input(hidden, nodes, accept_len, prefix_pos))
@@ -272,9 +282,9 @@ class SpeculativeEngine:
 
     def propose(self) -> tuple[torch.Tensor, torch.Tensor]:
         """draft -> verify -> select: the whole step but ``commit``. -> (nodes [B, L], accept_len [B])"""
-        candidates = self.draft()  # [B, N]
-        hidden, logits = self.verify(candidates)
-        return self.select(candidates, hidden, logits)
+        candidates, tree = self.draft()  # [B, N]
+        hidden, logits = self.verify(candidates, tree)
+        return self.select(candidates, hidden, logits, tree)
 
     @torch.no_grad()
     def step(self) -> torch.Tensor:
@@ -403,6 +413,8 @@ class PhasedStepRunner:
         cfg = engine.base.config
         dev, dt = engine.device, engine.dtype
         self.cand = torch.zeros(B, N, dtype=torch.long, device=dev)
+        with torch.no_grad():  # the step's tree, held in static buffers between phases (a dynamic one changes)
+            self.tree = StepTree(*(t.clone() for t in engine.draft()[1].tensors()))
         self.hidden = torch.zeros(B, N, cfg.hidden_size, dtype=dt, device=dev)
         self.logits = torch.zeros(B, N, engine.lm_head.weight.shape[0], dtype=dt, device=dev)
         self.events = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
@@ -412,9 +424,15 @@ class PhasedStepRunner:
     @torch.no_grad()
     def _phases(self):
         e = self.engine
-        return (lambda: self.cand.copy_(e.draft()),
-                lambda: [buf.copy_(x) for buf, x in zip((self.hidden, self.logits), e.verify(self.cand))],
-                lambda: (e.draw_uniforms(), e.accept(self.cand, self.hidden, self.logits)))
+        def draft():
+            cand, tree = e.draft()
+            self.cand.copy_(cand)
+            for buf, x in zip(self.tree.tensors(), tree.tensors()):
+                buf.copy_(x)
+
+        return (draft,
+                lambda: [buf.copy_(x) for buf, x in zip((self.hidden, self.logits), e.verify(self.cand, self.tree))],
+                lambda: (e.draw_uniforms(), e.accept(self.cand, self.hidden, self.logits, self.tree)))
 
     def _capture(self):
         engine = self.engine

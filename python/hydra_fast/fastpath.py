@@ -220,7 +220,8 @@ class FusedDecoder:
 
     def forward(self, input_ids, position_ids, cache, mask, impl) -> torch.Tensor:
         """input_ids / position_ids int64 [B, N] written at slots [lens, lens + N) of ``cache`` (a TreeKVCache),
-        mask bool [N, N] over the new tokens. -> the final normed hidden states [B, N, d]."""
+        mask bool [N, N] (or [B, N, N], one per sequence) over the new tokens. -> the final normed hidden states
+        [B, N, d]."""
         hidden = self.backbone.embed_tokens(input_ids)  # [B, N, d]
         cos, sin = self.backbone.rotary_emb(hidden, position_ids)  # [B, N, D] each, in the model's dtype
         residual, pending = hidden, None

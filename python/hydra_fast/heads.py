@@ -155,11 +155,29 @@ class DraftHeads(nn.Module):
         """Token ids [R, k] of head i's k most likely drafts from its state x [R, d]."""
         if self.draft_vocab is None:
             return torch.topk(self.logits(i, x, base_lm_head), k, dim=-1).indices
+        self._check_draft_k(i, k)
+        own = self.heads[i].lm_head
+        return self.draft_vocab.topk(-1 if own is None else i, x, base_lm_head if own is None else own, k)
+
+    def draft_scores(self, i: int, x: torch.Tensor, base_lm_head, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Head i's k most likely drafts from its state x [R, d] and their log-probabilities (softmax over the
+        draft vocabulary when one is used): (logp float32 [R, k], token ids int64 [R, k])."""
+        if self.draft_vocab is None:
+            logits, ids = self.logits(i, x, base_lm_head).float(), None
+        else:
+            self._check_draft_k(i, k)
+            own = self.heads[i].lm_head
+            logits = self.draft_vocab.logits(-1 if own is None else i, x,
+                                             base_lm_head if own is None else own).float()
+            ids = self.draft_vocab.ids
+        top, pos = torch.topk(logits, k, dim=-1)
+        logp = top - torch.logsumexp(logits, dim=-1, keepdim=True)
+        return logp, pos if ids is None else ids[pos]
+
+    def _check_draft_k(self, i: int, k: int) -> None:
         if k > self.draft_vocab.size:
             raise ValueError(f"the tree drafts the top {k} tokens at depth {i + 1} but the draft vocabulary has "
                              f"{self.draft_vocab.size}: use a larger draft vocabulary or a narrower tree")
-        own = self.heads[i].lm_head
-        return self.draft_vocab.topk(-1 if own is None else i, x, base_lm_head if own is None else own, k)
 
     def set_draft_vocab(self, ids: torch.Tensor | None) -> None:
         """Draft from these token ids only (int [V']), or from the full vocabulary (None). Verification is

@@ -19,6 +19,9 @@ from typing import Sequence, Union
 
 import torch
 
+from hydra_fast.dynamic_tree import PREFIX as DYNAMIC
+from hydra_fast.dynamic_tree import DynamicTree, StepTree
+
 Node = tuple[int, ...]
 Choices = Union[str, Sequence[Sequence[int]]]
 
@@ -77,9 +80,16 @@ class TreeBuffers:
     next_sibling: torch.Tensor  # int64 [N] the next child of the same parent by rank, -1 for the last
     context_len: int = 0  # M: nodes N - M .. N - 1 are the context chain (node N - M's parent is the root)
 
+    dynamic = False  # a static tree: the same shape every step (``DynamicBuffers`` is the other kind)
+
     @property
     def num_paths(self) -> int:
         return self.paths.shape[0]
+
+    def step_tree(self) -> StepTree:
+        """The tree as the ops read it, shared by every sequence."""
+        return StepTree(depth=self.depth, tree_mask=self.tree_mask, paths=self.paths, first_child=self.first_child,
+                        next_sibling=self.next_sibling)
 
 
 @dataclass(frozen=True)
@@ -91,17 +101,20 @@ class Tree:
     context_len: int = 0
 
     @classmethod
-    def from_choices(cls, choices: Choices, context_len: int | None = None) -> Tree:
-        """Build from a preset name (see PRESETS, optionally with a ``+ctxM`` suffix) or a list of rank tuples
-        such as [[0], [0, 0], [1]]. ``context_len`` (when given) overrides the tree's context chain length."""
-        if isinstance(choices, Tree):
+    def from_choices(cls, choices: Choices, context_len: int | None = None) -> Tree | DynamicTree:
+        """Build from a preset name (see PRESETS, optionally with a ``+ctxM`` suffix), a list of rank tuples
+        such as [[0], [0, 0], [1]], or a dynamic tree spec ("dynamic", "dynamic:nodes=63,topk=8": a
+        ``DynamicTree``). ``context_len`` (when given) overrides the tree's context chain length."""
+        if isinstance(choices, (Tree, DynamicTree)):
             return choices if context_len is None else choices.with_context(context_len)
         suffix_len = 0
         if isinstance(choices, str):
             name, suffix_len = split_context(choices)
+            if name.split(":")[0] == DYNAMIC:
+                return DynamicTree.parse(name).with_context(suffix_len if context_len is None else context_len)
             if name not in PRESETS:
                 raise ValueError(f"unknown tree preset {name!r}; known presets: {', '.join(sorted(PRESETS))} "
-                                 "(each optionally with a context chain: '+ctx8')")
+                                 "and 'dynamic' (each optionally with a context chain: '+ctx8')")
             choices = PRESETS[name]
         tree = cls._from_nodes(choices)
         return tree.with_context(suffix_len if context_len is None else context_len)
