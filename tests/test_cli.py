@@ -81,3 +81,19 @@ def test_calibrate_writes_a_tree_that_generate_uses(folders, tmp_path, capsys):
     assert cli.main(args) == 0
     out, _ = capsys.readouterr()
     assert out.strip() == hf_answer(base, tok, [{"role": "user", "content": "Say hello."}], 16).strip()
+
+
+def test_calibrate_weighs_dynamic_trees_when_asked(folders, tmp_path, capsys):
+    model, heads, _, _ = folders
+    tree_file = tmp_path / "tree.json"
+    args = ["calibrate", "--model", str(model), "--heads", str(heads), "--out", str(tree_file), "--prompts", "1",
+            "--max-new-tokens", "8", "--device", "cpu", "--max-cache-len", "256", "--dynamic"]
+    specs = "dynamic:nodes=4,depth=2,topk=2,width=2,dynamic:nodes=6,depth=2,topk=3,width=2"
+    assert cli.main(args + [specs]) == 0
+    _, err = capsys.readouterr()
+    assert "(dynamic:nodes=4,depth=2,topk=2,width=2)" in err and "(dynamic:nodes=6,depth=2,topk=3,width=2)" in err
+    saved = json.loads(tree_file.read_text())
+    assert sum(1 for c in saved["candidates"] if c.get("dynamic")) == 2
+    assert cli.main(args + ["dynamic:nodes=4,width=9"]) != 0
+    _, err = capsys.readouterr()
+    assert "width (9) cannot exceed topk (8)" in err

@@ -11,7 +11,7 @@ from hydra_fast.heads import DraftHeads
 from hydra_fast.model import HydraModel, resolve_tree
 from hydra_fast.tree import Tree
 from hydra_fast.tree_search import Acceptance, TreeChoice, calibrate, grown_tree, load_tree, measure_acceptance
-from oracle_heads import OracleHeads, bind, true_sequences
+from oracle_heads import DynamicOracleHeads, OracleHeads, bind, true_sequences
 from test_engine import V, perturbed_heads, tiny
 
 
@@ -36,11 +36,11 @@ def test_best_nodes_are_trees_ranked_by_measured_acceptance():
 
 
 @contextlib.contextmanager
-def oracle_model(wrong_after: int):
+def oracle_model(wrong_after: int, oracle_class=OracleHeads):
     """A tiny Llama whose oracle heads are right on the rank-0 chain down to ``wrong_after``, wrong elsewhere."""
     base = tiny("llama")
     ids = torch.randint(0, V, (1, 9))
-    oracle = OracleHeads(DraftHeads.from_base(base, "hydra"), true_sequences(base, [ids], 120), wrong_after)
+    oracle = oracle_class(DraftHeads.from_base(base, "hydra"), true_sequences(base, [ids], 120), wrong_after)
     with bind(oracle):
         yield HydraModel(base, oracle, max_cache_len=512, cuda_graph=False), ids
 
@@ -74,6 +74,25 @@ def test_calibrate_keeps_the_fastest_candidate_and_writes_a_tree_file(tmp_path):
     choice.save(path)
     assert load_tree(path) == choice.tree
     assert json.loads(path.read_text())["candidates"] == choice.candidates
+
+
+def test_calibrate_weighs_dynamic_trees_by_their_measured_tau(tmp_path):
+    # the dynamic oracle keeps the true chain in every dynamic tree: 2 drafts + 1 token a step at depth >= 2
+    specs = ("dynamic:nodes=6,depth=2,topk=3,width=2", "dynamic:nodes=12,depth=4,topk=3,width=2")
+    with oracle_model(wrong_after=2, oracle_class=DynamicOracleHeads) as (model, ids):
+        choice = calibrate(model, [ids], budgets=(1, 2), depths=(1, 2), calibration_tree="mc_sim_7b_63",
+                           max_new_tokens=60, dynamic=specs + ("dynamic:nodes=20,depth=5,topk=4,width=4",))
+    dyn = {c["dynamic"]: c for c in choice.candidates if c.get("dynamic")}
+    assert sorted(dyn) == sorted(Tree.from_choices(s).spec for s in specs)  # the 5-deep one is beyond the heads
+    for c in dyn.values():  # every step accepts the 2 right drafts: 3 tokens a step
+        assert c["expected_tokens"] == 3.0 and c["step_ms"] > 0
+    heads_dir = tmp_path / "heads"
+    perturbed_heads(tiny("llama"), "hydra").save_pretrained(heads_dir)
+    TreeChoice(tree=specs[1], expected_tokens=3.0, step_ms=1.0, device="cpu",
+               context_draft=2).save(heads_dir / "tree_cpu.json")
+    assert Tree.from_choices(resolve_tree("auto", heads_dir, "cpu")) == Tree.from_choices(specs[1] + "+ctx2")
+    model = HydraModel.from_pretrained(tiny("llama"), heads_dir)
+    assert model.default_tree == Tree.from_choices(specs[1], context_len=2)
 
 
 def test_auto_tree_uses_the_heads_tree_file_for_the_device(tmp_path):

@@ -71,6 +71,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--context-draft", type=int, default=0, metavar="M",
                    help="record in the tree file a context chain of M tokens found in the prompt and the text so far, "
                         "verified beside the heads' nodes (default 0: none); measure it with bench_decode --context-draft")
+    c.add_argument("--dynamic", default=None, metavar="SPECS",
+                   help="also weigh dynamic trees, whose tokens per step are measured by decoding the prompts: "
+                        "'default' (a built-in set of budgets) or comma-separated specs such as "
+                        "dynamic:nodes=31,topk=8,width=4 (default: static trees only)")
     c.set_defaults(tree="auto", compile=False)  # candidates are timed as generate() runs them (no compile)
     return p
 
@@ -79,7 +83,8 @@ def _calibrate(args) -> int:
     import random
 
     from hydra_fast.train.sources import load_builtin, load_jsonl
-    from hydra_fast.tree_search import calibrate
+    from hydra_fast.tree import Tree
+    from hydra_fast.tree_search import DYNAMIC_BUDGETS, calibrate
 
     tok, model = _load(args)
     if model.heads is None:
@@ -94,15 +99,34 @@ def _calibrate(args) -> int:
     eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
 
     def show(c):
-        print(f"  {c['nodes']:3d} nodes, depth <= {c['max_depth']}: {c['expected_tokens']:.2f} tokens/step, "
+        kind = f" ({c['dynamic']})" if c.get("dynamic") else ""
+        print(f"  {c['nodes']:3d} nodes, depth <= {c['max_depth']}{kind}: {c['expected_tokens']:.2f} tokens/step, "
               f"{c['step_ms']:.2f} ms/step, {c['tokens_per_s']:.1f} tok/s", file=sys.stderr)
 
-    choice = calibrate(model, prompts, max_new_tokens=args.max_new_tokens, eos_token_ids=eos, progress=show)
+    dynamic = ()
+    if args.dynamic:
+        dynamic = DYNAMIC_BUDGETS if args.dynamic == "default" else tuple(_split_specs(args.dynamic))
+        for spec in dynamic:
+            Tree.from_choices(spec)  # a bad spec fails here, before any measurement
+    choice = calibrate(model, prompts, max_new_tokens=args.max_new_tokens, eos_token_ids=eos, progress=show,
+                       dynamic=dynamic)
     choice.context_draft = args.context_draft
     choice.save(args.out)
-    print(f"{len(choice.tree)}-node tree: {choice.expected_tokens:.2f} tokens/step in {choice.step_ms:.2f} ms "
+    name = choice.tree if isinstance(choice.tree, str) else f"{len(choice.tree)}-node tree"
+    print(f"{name}: {choice.expected_tokens:.2f} tokens/step in {choice.step_ms:.2f} ms "
           f"({choice.tokens_per_s:.1f} tok/s expected) on {choice.device} -> {args.out}")
     return 0
+
+
+def _split_specs(text: str) -> list[str]:
+    """'dynamic:nodes=31,topk=8,dynamic:nodes=63' -> one spec per 'dynamic' (their fields contain commas)."""
+    specs: list[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if part.startswith("dynamic") or not specs:
+            specs.append(part)
+        else:
+            specs[-1] += "," + part
+    return specs
 
 
 class UsageError(ValueError):

@@ -26,6 +26,9 @@ from hydra_fast.engine import SamplingConfig
 from hydra_fast.tree import Node, Tree
 
 FORMAT = "hydra_fast.tree/1"
+# Dynamic trees ``calibrate(dynamic=...)`` weighs when asked for the built-in set: budgets around the static trees'
+DYNAMIC_BUDGETS = ("dynamic:nodes=15,depth=4,topk=4,width=2", "dynamic:nodes=31,depth=4,topk=8,width=4",
+                   "dynamic:nodes=63,depth=4,topk=8,width=8", "dynamic:nodes=95,depth=4,topk=10,width=10")
 
 
 def grown_tree(num_nodes: int, max_depth: int = 4, max_rank: int = 9) -> list[list[int]]:
@@ -74,7 +77,7 @@ class Acceptance:
 class TreeChoice:
     """The chosen tree, what it should give, and every candidate that was timed."""
 
-    tree: list[list[int]]
+    tree: list[list[int]] | str  # rank lists, or a dynamic tree's spec ("dynamic:nodes=..,depth=..,...")
     expected_tokens: float
     step_ms: float
     device: str
@@ -93,9 +96,10 @@ class TreeChoice:
         write_text_atomic(path, json.dumps({"format": FORMAT, **asdict(self)}, indent=1))
 
 
-def read_tree_file(path) -> tuple[list[list[int]], int]:
+def read_tree_file(path) -> tuple[list[list[int]] | str, int]:
     """(the tree, the context chain length it asks for) of a file written by ``TreeChoice.save`` (or a plain
-    JSON list of rank lists, which asks for no chain), read and checked once."""
+    JSON list of rank lists, which asks for no chain), read and checked once. The tree is a list of rank lists,
+    or a dynamic tree's spec string."""
     data = json.loads(Path(path).read_text())
     m = 0
     if isinstance(data, dict):
@@ -148,6 +152,19 @@ def measure_acceptance(model, prompts: list[torch.Tensor], tree=None, max_new_to
 
 
 @torch.no_grad()
+def measure_tau(model, prompts: list[torch.Tensor], tree, max_new_tokens: int = 96, eos_token_ids=()) -> float:
+    """Tokens per step of greedy decoding with ``tree`` (any kind: static, dynamic, with a context chain) over
+    ``prompts`` (token ids [1, T] each): all steps of all prompts, the last (possibly cut) step of each included."""
+    steps = tokens = 0
+    for ids in prompts:
+        out = model.generate(ids, max_new_tokens=max_new_tokens, tree=tree, eos_token_id=list(eos_token_ids) or None,
+                             return_dict_in_generate=True)
+        steps += len(out.accept_lengths[0])
+        tokens += sum(out.accept_lengths[0])
+    return tokens / max(steps, 1)
+
+
+@torch.no_grad()
 def time_tree(model, tree, ids: torch.Tensor, steps: int = 20, warmup: int = 3) -> float:
     """Median wall milliseconds of one speculative step (replay + read-back) with ``tree`` on this device."""
     t = Tree.from_choices(tree)
@@ -167,12 +184,15 @@ def time_tree(model, tree, ids: torch.Tensor, steps: int = 20, warmup: int = 3) 
 
 def calibrate(model, prompts: list[torch.Tensor], budgets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 63),
               depths=(1, 2, 3, 4, 5), calibration_tree=None, max_new_tokens: int = 96, eos_token_ids=(),
-              rounds: int = 2, progress=None) -> TreeChoice:
+              rounds: int = 2, progress=None, dynamic=()) -> TreeChoice:
     """Measure acceptance on ``prompts``, time the best tree of every (node budget, depth limit) on this
     device, and return the one with the most expected tokens per second. The root-only tree (plain decoding
     in the same engine) is a candidate too, so heads that do not pay for themselves here are not used.
     Candidates are timed in ``rounds`` interleaved passes and keep their fastest median, so a slow spell of
-    the machine (a shared CPU, clocks) does not fall on one candidate alone."""
+    the machine (a shared CPU, clocks) does not fall on one candidate alone.
+
+    ``dynamic``: dynamic tree specs to weigh beside the static trees. A dynamic tree's shape changes every step,
+    so its tokens per step are measured by decoding the same prompts with it (``measure_tau``), not predicted."""
     if model.heads is None:
         raise ValueError("calibrate needs a HydraModel with draft heads")
     acc = measure_acceptance(model, prompts, calibration_tree, max_new_tokens, eos_token_ids)
@@ -189,6 +209,18 @@ def calibrate(model, prompts: list[torch.Tensor], budgets=(1, 2, 3, 4, 6, 8, 12,
                                expected_tokens=round(exp, 4),
                                step_ms=round(ms, 4), tokens_per_s=round(1e3 * exp / ms, 2),
                                tree=[list(n) for n in nodes]))
+        if progress:
+            progress(candidates[-1])
+    heads_depth = len(model.heads.heads)
+    for spec in dynamic:
+        t = Tree.from_choices(spec)
+        if t.heads_depth > heads_depth:
+            continue  # deeper than these heads draft
+        exp, ms = measure_tau(model, prompts, spec, max_new_tokens, eos_token_ids), float("inf")
+        for _ in range(rounds):
+            ms = min(ms, time_tree(model, spec, prompts[0]))
+        candidates.append(dict(nodes=t.nodes, max_depth=t.depth, expected_tokens=round(exp, 4), step_ms=round(ms, 4),
+                               tokens_per_s=round(1e3 * exp / ms, 2), tree=t.spec, dynamic=t.spec))
         if progress:
             progress(candidates[-1])
     best = max(candidates, key=lambda c: c["tokens_per_s"])
