@@ -25,8 +25,6 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from hydra_fast import reference
-
 PREFIX = "dynamic"
 MIN_STEP = 1e-4  # each level lowers the cumulative score by at least this much: parents rank above children
 
@@ -175,10 +173,10 @@ def expand(heads, hidden: torch.Tensor, root: torch.Tensor, tree: DynamicTree, e
 
 def draft(heads, hidden, root, bufs: DynamicBuffers, embed_weight, base_lm_head, impl):
     """A dynamic tree's step: candidates int64 [B, N] (the context nodes' left 0 for the caller) and its
-    ``StepTree``."""
+    ``StepTree``, laid out by ``impl.dynamic_tree_layout`` (one launch where the kernels are built)."""
     tree = bufs.tree
     tokens, score, parent = expand(heads, hidden, root, tree, embed_weight, base_lm_head, impl)
-    kept, paths, mask, depth, first_child, next_sibling = reference.dynamic_tree_layout(
+    kept, paths, mask, depth, first_child, next_sibling = impl.dynamic_tree_layout(
         score, parent, bufs.candidate_depth, tree.nodes, tree.context_len, tree.max_depth)
     B, M = tokens.shape[0], tree.context_len
     candidates = torch.cat([root.view(B, 1), tokens.gather(1, kept), tokens.new_zeros(B, M)], dim=1)  # [B, N]
