@@ -367,3 +367,9 @@ from layer_op_cases import LAYER_BUILDERS  # noqa: E402
 
 OPS = OPS + tuple(LAYER_BUILDERS)
 BUILDERS.update(LAYER_BUILDERS)
+
+# The dynamic draft tree's layout (dynamic_tree_layout): cases in layout_op_cases.py.
+from layout_op_cases import LAYOUT_BUILDERS  # noqa: E402
+
+OPS = OPS + tuple(LAYOUT_BUILDERS)
+BUILDERS.update(LAYOUT_BUILDERS)

@@ -410,4 +410,32 @@ inline void check_accept_sample(const at::Tensor& probs, const at::Tensor& candi
   c::last_dim_contiguous(op, "probs", probs);
 }
 
+// score float32 [B, C], parent int64 [B, C] (values in -1 .. C - 1: the caller's contract), candidate_depth int64
+// [C], 1 <= nodes <= C, context_len >= 0, max_depth >= max(1, context_len).
+inline void check_dynamic_tree_layout(const at::Tensor& score, const at::Tensor& parent,
+                                      const at::Tensor& candidate_depth, int64_t nodes, int64_t context_len,
+                                      int64_t max_depth) {
+  namespace c = checks_detail;
+  const char* op = "dynamic_tree_layout";
+  c::same_device(op, "parent", parent, "score", score);
+  c::same_device(op, "candidate_depth", candidate_depth, "score", score);
+  c::dims(op, "score", score, 2, "[B, C]");
+  c::dims(op, "parent", parent, 2, "[B, C]");
+  c::dims(op, "candidate_depth", candidate_depth, 1, "[C]");
+  TORCH_CHECK(score.scalar_type() == at::kFloat, "hydra_fast.", op, ": score must be float32 (cumulative draft "
+              "log-probabilities), got ", score.scalar_type());
+  c::dtype(op, "parent", parent, at::kLong);
+  c::dtype(op, "candidate_depth", candidate_depth, at::kLong);
+  const int64_t C = score.size(1);
+  c::size(op, "parent", parent, 0, score.size(0), "B from score");
+  c::size(op, "parent", parent, 1, C, "C from score");
+  c::size(op, "candidate_depth", candidate_depth, 0, C, "C from score");
+  TORCH_CHECK(nodes >= 1 && nodes <= C, "hydra_fast.", op, ": nodes must be in [1, C = ", C,
+              "] (the candidates kept out of the C drafted), got ", nodes);
+  TORCH_CHECK(context_len >= 0, "hydra_fast.", op, ": context_len must be >= 0, got ", context_len);
+  TORCH_CHECK(max_depth >= 1 && max_depth >= context_len, "hydra_fast.", op,
+              ": max_depth must be >= 1 and >= context_len (", context_len, ", the context chain's deepest node), "
+              "got ", max_depth);
+}
+
 }  // namespace hydra_fast

@@ -38,4 +38,10 @@ TORCH_LIBRARY(hydra_fast, m) {
   // (reference.accept_sample).
   m.def("accept_sample(Tensor probs, Tensor candidates, Tensor first_child, Tensor next_sibling, Tensor uniform, "
         "int max_depth) -> (Tensor, Tensor, Tensor)");
+  // score float32 [B, C], parent int64 [B, C] (-1: the root), candidate_depth int64 [C] -> (kept int64 [B, nodes],
+  // paths int64 [B, N, L], tree_mask bool [B, N, N], depth int64 [B, N], first_child / next_sibling int64 [B, N]),
+  // N = 1 + nodes + context_len, L = max_depth + 1: the dynamic draft tree's layout (reference.dynamic_tree_layout;
+  // kept = the top `nodes` by score, ties to the lower candidate index).
+  m.def("dynamic_tree_layout(Tensor score, Tensor parent, Tensor candidate_depth, int nodes, int context_len, "
+        "int max_depth) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

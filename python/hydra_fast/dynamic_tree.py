@@ -171,65 +171,13 @@ def expand(heads, hidden: torch.Tensor, root: torch.Tensor, tree: DynamicTree, e
     return torch.cat(tokens, 1), torch.cat(scores, 1), torch.cat(parents, 1)
 
 
-def layout(score: torch.Tensor, parent: torch.Tensor, candidate_depth: torch.Tensor, nodes: int, context_len: int,
-           max_depth: int) -> tuple[torch.Tensor, ...]:
-    """Keep the ``nodes`` best candidates by score and lay them out as a tree: the root (node 0), the kept
-    candidates in candidate order (parents before children, a level's nodes together), then a chain of
-    ``context_len`` nodes off the root.
-
-    score float32 [B, C]; parent int64 [B, C] (candidate index, -1: the root); candidate_depth int64 [C].
-    -> (kept int64 [B, nodes] (candidate index of nodes 1 .. nodes), paths int64 [B, N, L] (root .. node, -1
-    padded, L = max_depth + 1), tree_mask bool [B, N, N], depth int64 [B, N], first_child int64 [B, N],
-    next_sibling int64 [B, N]), N = 1 + nodes + context_len."""
-    B, C = score.shape
-    Nh, M, L = 1 + nodes, context_len, max_depth + 1
-    N = Nh + M
-    dev = score.device
-    kept = torch.topk(score, nodes, dim=-1).indices.sort(dim=-1).values  # [B, nodes]
-    slot = torch.zeros(B, C + 1, dtype=torch.long, device=dev)  # candidate (C: the root) -> node index
-    slot.scatter_(1, kept, torch.arange(1, Nh, device=dev).view(1, nodes).expand(B, nodes))
-    up = parent.gather(1, kept)  # [B, nodes]
-    chain = torch.arange(Nh - 1, N - 1, device=dev).view(1, M).expand(B, M).clone()  # the context chain's parents
-    chain[:, :1] = 0
-    par = torch.cat([torch.full((B, 1), -1, dtype=torch.long, device=dev),
-                     slot.gather(1, torch.where(up < 0, C, up)), chain], dim=1)  # [B, N]
-    depth = torch.cat([torch.zeros(B, 1, dtype=torch.long, device=dev), candidate_depth[kept],
-                       torch.arange(1, M + 1, device=dev).view(1, M).expand(B, M)], dim=1)  # [B, N]
-    # ancestors by pointer walking: walk[k] = the k-th ancestor of each node, -1 past the root
-    walk = [torch.arange(N, device=dev).view(1, N).expand(B, N)]
-    par_ext = torch.cat([par, torch.full((B, 1), -1, dtype=torch.long, device=dev)], dim=1)  # [B, N + 1]
-    for _ in range(L - 1):
-        walk.append(par_ext.gather(1, torch.where(walk[-1] < 0, N, walk[-1])))
-    ancestors = torch.stack(walk, dim=-1)  # [B, N, L]
-    col = torch.arange(L, device=dev).view(1, 1, L)
-    paths = ancestors.gather(2, (depth.unsqueeze(-1) - col).clamp(min=0))  # column c: the depth-c ancestor
-    paths = torch.where(col <= depth.unsqueeze(-1), paths, torch.full_like(paths, -1))
-    mask = torch.zeros(B, N, N + 1, dtype=torch.bool, device=dev)
-    mask.scatter_(2, torch.where(paths >= 0, paths, N), True)
-    first_child, next_sibling = child_lists(par)
-    return kept, paths, mask[:, :, :N].contiguous(), depth, first_child, next_sibling
-
-
-def child_lists(parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sequence parents int64 [B, N] (-1 for the root) -> (first_child [B, N], next_sibling [B, N]): each
-    node's children in index order, -1 where there is none (``accept_sample`` tries them in that order)."""
-    B, N = parents.shape
-    j = torch.arange(N, device=parents.device)
-    none = torch.full((), N, dtype=torch.long, device=parents.device)
-    is_child = parents.view(B, 1, N) == j.view(1, N, 1)  # [B, p, j]: j is a child of p
-    first = torch.where(is_child, j.view(1, 1, N), none).amin(-1)  # [B, N]
-    later_sibling = (parents.view(B, 1, N) == parents.view(B, N, 1)) & (j.view(1, 1, N) > j.view(1, N, 1))
-    nxt = torch.where(later_sibling, j.view(1, 1, N), none).amin(-1)  # [B, N]
-    return torch.where(first == N, -1, first), torch.where(nxt == N, -1, nxt)
-
-
 def draft(heads, hidden, root, bufs: DynamicBuffers, embed_weight, base_lm_head, impl):
     """A dynamic tree's step: candidates int64 [B, N] (the context nodes' left 0 for the caller) and its
-    ``StepTree``."""
+    ``StepTree``, laid out by ``impl.dynamic_tree_layout`` (one launch where the kernels are built)."""
     tree = bufs.tree
     tokens, score, parent = expand(heads, hidden, root, tree, embed_weight, base_lm_head, impl)
-    kept, paths, mask, depth, first_child, next_sibling = layout(score, parent, bufs.candidate_depth, tree.nodes,
-                                                                 tree.context_len, tree.max_depth)
+    kept, paths, mask, depth, first_child, next_sibling = impl.dynamic_tree_layout(
+        score, parent, bufs.candidate_depth, tree.nodes, tree.context_len, tree.max_depth)
     B, M = tokens.shape[0], tree.context_len
     candidates = torch.cat([root.view(B, 1), tokens.gather(1, kept), tokens.new_zeros(B, M)], dim=1)  # [B, N]
     return candidates, StepTree(depth=depth, tree_mask=mask, paths=paths, first_child=first_child,

@@ -185,6 +185,19 @@ def rope_kv_write(qkv, cos, sin, k_cache, v_cache, layer: int, cache_lens, num_q
                                     q_norm, k_norm, eps)
 
 
+def dynamic_tree_layout(score, parent, candidate_depth, nodes: int, context_len: int, max_depth: int):
+    """A dynamic draft tree's layout in one op (``hydra_fast.dynamic_tree``).
+
+    score float32 [B, C] (cumulative draft log-probability, strictly falling along every path), parent int64
+    [B, C] (each candidate's parent candidate, -1 for the root's children), candidate_depth int64 [C]. Keeps the
+    ``nodes`` best candidates by score (ties: the lower candidate index) and lays them out after the root in
+    candidate order, then a chain of ``context_len`` nodes off the root. Returns (kept int64 [B, nodes], paths
+    int64 [B, N, L] (-1 padded), tree_mask bool [B, N, N], depth int64 [B, N], first_child int64 [B, N],
+    next_sibling int64 [B, N]) with N = 1 + nodes + context_len, L = max_depth + 1. CUDA: C <= 8192, N <= 512.
+    """
+    return _require().dynamic_tree_layout(score, parent, candidate_depth, nodes, context_len, max_depth)
+
+
 class _Kernels:
     """The compiled ops under the reference module's names (see ``implementation``)."""
 
@@ -198,6 +211,7 @@ class _Kernels:
     add_rms_norm = staticmethod(add_rms_norm)
     silu_mul = staticmethod(silu_mul)
     rope_kv_write = staticmethod(rope_kv_write)
+    dynamic_tree_layout = staticmethod(dynamic_tree_layout)
 
 
 def _register_fakes() -> None:
@@ -253,6 +267,15 @@ def _register_fakes() -> None:
     def _(qkv, cos, sin, k_cache, v_cache, layer, cache_lens, num_q_heads, num_kv_heads, q_norm, k_norm, eps):
         B, N = qkv.shape[:2]
         return qkv.new_empty((B, N, num_q_heads, cos.shape[-1]))
+
+    @torch.library.register_fake(lib + "dynamic_tree_layout")
+    def _(score, parent, candidate_depth, nodes, context_len, max_depth):
+        B = score.shape[0]
+        N, L = 1 + nodes + context_len, max_depth + 1
+        i64 = dict(dtype=torch.long)
+        return (score.new_empty((B, nodes), **i64), score.new_empty((B, N, L), **i64),
+                score.new_empty((B, N, N), dtype=torch.bool), score.new_empty((B, N), **i64),
+                score.new_empty((B, N), **i64), score.new_empty((B, N), **i64))
 
 
 if _EXTENSION is not None:
