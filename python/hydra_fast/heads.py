@@ -22,15 +22,13 @@ from hydra_fast import reference
 from hydra_fast.draft_vocab import DRAFT_VOCAB_NAME, DraftVocab, DraftVocabFile
 from hydra_fast.heads_config import (KINDS, BaseFingerprint, HeadKind, HeadsCheckpointError, HeadsConfig,
                                      HeadsMismatchError, _dtype_name, check_compatible, fingerprint)
+from hydra_fast.heads_io import CONFIG_NAME, INDEX_NAME, check_heads_folder, is_weights_file, read_weights
 from hydra_fast.matmul import lm_head_logits
 from hydra_fast.tree import TreeBuffers
 
 __all__ = ["BaseFingerprint", "DraftHead", "DraftHeads", "HeadKind", "HeadsCheckpointError", "HeadsConfig",
            "HeadsMismatchError", "KINDS", "check_compatible", "fingerprint", "zero_residual_branches_"]
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
 
 class DraftHead(nn.Module):
     """One head: blocks x <- res(x) + silu(W x + b) over x = [h, emb(path tokens)], k path tokens."""
@@ -277,7 +275,7 @@ class DraftHeads(nn.Module):
 
         from hydra_fast import safe_io
 
-        _check_heads_folder(directory)
+        check_heads_folder(directory)
         # own copies: safetensors refuses tensors that share storage (tied or viewed weights)
         state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self.state_dict().items()}
         split = split_torch_state_dict_into_shards(state, filename_pattern="model{suffix}.safetensors",
@@ -295,7 +293,7 @@ class DraftHeads(nn.Module):
             if self.draft_vocab_file is not None:
                 self.draft_vocab_file.save(new)
             # stale shards of an earlier save would shadow this one: only other files carry over
-            safe_io.swap_in_folder(new, directory, carry_over=lambda name: not _is_weights_file(name))
+            safe_io.swap_in_folder(new, directory, carry_over=lambda name: not is_weights_file(name))
         except BaseException:
             safe_io.discard(new)
             raise
@@ -321,75 +319,12 @@ class DraftHeads(nn.Module):
         check_compatible(heads, base_model, source=f"the heads in {directory}")
         weight = base_model.get_output_embeddings().weight
         heads.to(device=device or weight.device, dtype=dtype or weight.dtype)
-        heads.load_state_dict(_read_weights(directory, heads.state_dict()))
+        heads.load_state_dict(read_weights(directory, heads.state_dict()))
         size = config.draft_vocab_size if draft_vocab is None else draft_vocab
         if os.path.exists(os.path.join(directory, DRAFT_VOCAB_NAME)) or 0 < size < config.vocab_size:
             heads.draft_vocab_file = DraftVocabFile.load(directory, config.vocab_size)
         heads.use_draft_vocab(size)
         return heads
-
-
-def _is_weights_file(name: str) -> bool:
-    return name == CONFIG_NAME or name == INDEX_NAME or (name.startswith("model") and name.endswith(".safetensors"))
-
-
-def _check_heads_folder(directory: str | os.PathLike) -> None:
-    """HeadsCheckpointError unless ``directory`` is absent, empty of weights, or a heads folder."""
-    directory = os.fspath(directory)
-    if not os.path.exists(directory):
-        return
-    if not os.path.isdir(directory):
-        raise HeadsCheckpointError(f"{directory} is a file, not a folder: save heads into a folder")
-    config_path = os.path.join(directory, CONFIG_NAME)
-    if os.path.exists(config_path):
-        try:
-            with open(config_path) as f:
-                HeadsConfig.from_dict(json.load(f))
-        except (OSError, ValueError, TypeError, KeyError) as e:
-            raise HeadsCheckpointError(f"{directory} holds a config.json that is not a heads config ({e}); "
-                                       "refusing to overwrite it: save the heads into their own folder") from None
-        return
-    weights = [n for n in os.listdir(directory) if n.endswith((".safetensors", ".bin", ".pt", ".pth", ".gguf"))]
-    if weights:
-        raise HeadsCheckpointError(f"{directory} holds weights that are not heads ({', '.join(sorted(weights)[:3])}); "
-                                   "refusing to overwrite them: save the heads into their own folder")
-
-
-def _read_weights(directory: str, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Every tensor of expected, from the single file or the shards of the index; errors name the file."""
-    from safetensors.torch import load_file
-
-    index_path = os.path.join(directory, INDEX_NAME)
-    if os.path.exists(index_path):
-        try:
-            with open(index_path) as f:
-                weight_map = json.load(f)["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise HeadsCheckpointError(f"{index_path}: unreadable shard index ({type(e).__name__}: {e})") from e
-    else:
-        weight_map = dict.fromkeys(expected, WEIGHTS_NAME)
-    state = {}
-    for filename in sorted(set(weight_map.values())):
-        path = os.path.join(directory, filename)
-        if not os.path.exists(path):
-            raise HeadsCheckpointError(f"{path}: missing weights file")
-        try:
-            tensors = load_file(path)
-        except Exception as e:  # safetensors raises its own error types for truncated or garbled files
-            raise HeadsCheckpointError(f"{path}: not a readable safetensors file ({e})") from e
-        for name, t in tensors.items():
-            if name not in expected:
-                raise HeadsCheckpointError(f"{path}: unexpected tensor {name!r} (not part of these heads)")
-            if t.shape != expected[name].shape:
-                raise HeadsCheckpointError(f"{path}: tensor {name!r} has shape {tuple(t.shape)}, expected "
-                                           f"{tuple(expected[name].shape)}")
-            state[name] = t
-    missing = [n for n in expected if n not in state]
-    if missing:
-        where = sorted({weight_map.get(n, WEIGHTS_NAME) for n in missing})
-        raise HeadsCheckpointError(f"{os.path.join(directory, where[0])}: missing tensors {missing[:5]}"
-                                   f"{' ...' if len(missing) > 5 else ''}")
-    return state
 
 
 def _config_from_dict(d: dict):

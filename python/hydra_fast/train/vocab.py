@@ -15,7 +15,8 @@ import os
 from pathlib import Path
 
 from hydra_fast.draft_vocab import count_answer_tokens, frequency_order, size_for_coverage
-from hydra_fast.heads import CONFIG_NAME, BaseFingerprint, HeadsCheckpointError, HeadsConfig
+from hydra_fast.heads import BaseFingerprint, HeadsCheckpointError, HeadsConfig
+from hydra_fast.heads_io import CONFIG_NAME
 from hydra_fast.train.dataset import DataMismatchError, SelfDistillData, read_manifest, write_json_atomic
 
 REPORT_SIZES = (1024, 2048, 4096, 8192, 16384, 32768)
