@@ -41,6 +41,37 @@ def test_every_op_has_a_cpu_kernel():
     assert not missing, f"ops without a CPU kernel: {missing}"
 
 
+def test_the_extension_has_every_op_the_package_calls():
+    assert hydra_fast.build_info()["extension"] is True, "hydra_fast._C is not built"
+    from hydra_fast import ops
+
+    assert ops.stale_reason() is None
+    # an extension built from older sources (an op missing) is named stale, with the command that fixes it
+    reason = ops.stale_reason(ops.OP_NAMES + ("an_op_from_newer_sources",))
+    assert "lacks the op(s) an_op_from_newer_sources" in reason and "pip install --no-build-isolation -e ." in reason
+
+
+def test_a_stale_extension_falls_back_to_the_reference_ops_with_a_warning():
+    # a fresh interpreter where the loaded extension lacks an op the package calls: no crash at import, a warning,
+    # and the reference ops serve every device
+    code = (
+        "import warnings, torch\n"
+        "real = torch._ops._OpNamespace.__getattr__\n"
+        "def hide(self, name):\n"
+        "    if name == 'dynamic_tree_layout': raise AttributeError(name)\n"
+        "    return real(self, name)\n"
+        "torch._ops._OpNamespace.__getattr__ = hide\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    from hydra_fast import ops, reference\n"
+        "assert any('lacks the op(s) dynamic_tree_layout' in str(x.message) for x in w), [str(x.message) for x in w]\n"
+        "assert ops.implementation('cpu') is reference and not ops.build_info()['extension']\n"
+        "print('ok')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(Path(hydra_fast.__file__).parents[1])))
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
 @pytest.mark.skipif(torch.version.cuda is not None, reason="this torch has CUDA: forcing it is possible")
 def test_forcing_cuda_with_a_cpu_torch_is_a_clear_error(tmp_path):
     proc = _setup({"HYDRA_FAST_CUDA": "1"}, tmp_path)

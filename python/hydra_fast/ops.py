@@ -16,8 +16,30 @@ except ImportError:
     _EXTENSION = None
 
 
+# Every op this package calls: an extension built from older sources lacks some, and is then not used.
+OP_NAMES = ("tree_attention", "draft_head_mlp", "accept_greedy", "accept_typical", "accept_sample", "kv_compact",
+            "rms_norm", "add_rms_norm", "silu_mul", "rope_kv_write", "dynamic_tree_layout")
+
+
+def stale_reason(names=OP_NAMES) -> str | None:
+    """Why the loaded extension cannot serve this package (ops it lacks: built from older sources), or None."""
+    missing = [n for n in names if not hasattr(torch.ops.hydra_fast, n)]
+    if not missing:
+        return None
+    return (f"hydra_fast._C was built from older sources: it lacks the op(s) {', '.join(missing)}; the pure-PyTorch "
+            "reference ops run instead. Rebuild it: `pip install --no-build-isolation -e .` in the repository")
+
+
+_STALE = stale_reason() if _EXTENSION is not None else None
+if _STALE is not None:
+    import warnings
+
+    warnings.warn(_STALE, stacklevel=2)
+    _EXTENSION = None
+
+
 def _extension():
-    """hydra_fast._C, or None when the extension was not built."""
+    """hydra_fast._C, or None when the extension was not built (or was built from older sources)."""
     return _EXTENSION
 
 
@@ -29,7 +51,7 @@ def build_info() -> dict:
     """What was compiled: {'cuda': bool, 'cuda_archs': str, 'torch_version': str, ...}."""
     ext = _extension()
     if ext is None:
-        return {"extension": False, "cuda": False, "reason": "hydra_fast._C is not built: run "
+        return {"extension": False, "cuda": False, "reason": _STALE or "hydra_fast._C is not built: run "
                 "`pip install --no-build-isolation -e .` in the repository"}
     info = dict(ext.build_info())
     info["extension"] = True
@@ -73,10 +95,9 @@ def implementation(device: torch.device | str, prefer_kernels: bool = True):
 
 def _require():
     if _extension() is None:
-        raise RuntimeError(
+        raise RuntimeError(_STALE or (
             "hydra_fast._C is not built. Run `pip install --no-build-isolation -e .` in the repository, or "
-            "use hydra_fast.reference for the pure-PyTorch versions."
-        )
+            "use hydra_fast.reference for the pure-PyTorch versions."))
     return torch.ops.hydra_fast
 
 
