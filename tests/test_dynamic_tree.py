@@ -49,6 +49,14 @@ def test_a_tree_deeper_than_the_heads_is_refused_before_any_step():
         model.generate(torch.randint(0, V, (1, 5)), max_new_tokens=4)
 
 
+@pytest.mark.parametrize("tree", [[[0], [299]], "dynamic:nodes=10,topk=300,width=2"], ids=["static", "dynamic"])
+def test_a_tree_wider_than_the_vocabulary_is_refused_before_any_step(tree):
+    base = tiny("llama")  # V = 211 tokens: no head has a 300th guess
+    model = HydraModel(base, perturbed_heads(base, "hydra"), max_cache_len=64, tree=tree)
+    with pytest.raises(ValueError, match="top 300 guesses of a head but the heads draft from 211 tokens"):
+        model.generate(torch.randint(0, V, (1, 5)), max_new_tokens=4)
+
+
 # ------------------------------------------------------------------ the tree against brute force
 def brute_force(heads, hidden, root, tree: DynamicTree, embed, lm_head):
     """One sequence's dynamic tree with Python lists: {path of tokens (root excluded): score} of the kept nodes."""

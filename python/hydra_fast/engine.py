@@ -80,6 +80,7 @@ class SpeculativeEngine:
             raise ValueError(f"the tree is {tree.heads_depth} deep but there are only {len(heads.heads)} heads: use "
                              f"a tree of depth <= {len(heads.heads)}")
         if heads is not None:
+            self._check_tree_width(tree, heads)
             heads.prepare_draft(self.lm_head)  # a reduced draft vocabulary's compact LM heads, before any capture
         self.bufs = tree.buffers(device)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -111,6 +112,18 @@ class SpeculativeEngine:
         if tree.context_len > 0:
             W = context.history_width(capacity, tree.max_depth)
             self.history = torch.zeros(B, W, dtype=torch.long, device=device)
+
+    def _check_tree_width(self, tree, heads) -> None:
+        """A level cannot take more guesses than the heads draft from: refused here, before any kernel runs."""
+        if isinstance(tree, DynamicTree):
+            widest = tree.topk
+        else:
+            widest = max((n[-1] + 1 for n in tree.nodes[1:]), default=0)
+        draft_vocab = getattr(heads, "draft_vocab", None)
+        vocab = draft_vocab.size if draft_vocab is not None else self.lm_head.weight.shape[0]
+        if widest > vocab:
+            raise ValueError(f"the tree takes the top {widest} guesses of a head but the heads draft from {vocab} "
+                             "tokens: use a tree with lower ranks (or a smaller topk)")
 
     # ------------------------------------------------------------------ pieces
     def _causal(self, n: int) -> torch.Tensor:
