@@ -137,6 +137,9 @@ def test_bad_tree_files_and_models_without_heads_are_clear_errors(tmp_path):
         load_tree(orphan)
     with pytest.raises(ValueError, match="needs a HydraModel with draft heads"):
         calibrate(HydraModel(tiny("llama"), None), [torch.randint(0, V, (1, 5))])
+    base = tiny("llama")
+    with pytest.raises(ValueError, match="per-node acceptance is measured on a static tree"):
+        measure_acceptance(HydraModel(base, perturbed_heads(base, "hydra")), [torch.randint(0, V, (1, 5))], "dynamic")
 
 
 def test_a_root_only_tree_runs_without_the_heads(tmp_path):

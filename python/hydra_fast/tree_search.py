@@ -133,6 +133,9 @@ def measure_acceptance(model, prompts: list[torch.Tensor], tree=None, max_new_to
     """q(n) for every node of ``tree`` (default: a grown tree of 96 nodes, depth 5) over greedy steps on
     ``prompts`` (token ids [1, T] each, e.g. chat-templated calibration prompts; keep evaluation prompts out)."""
     t = Tree.from_choices(tree if tree is not None else grown_tree(96, max_depth=5))
+    if not isinstance(t, Tree):
+        raise ValueError("per-node acceptance is measured on a static tree (its nodes are the same every step): "
+                         "pass rank lists or a preset as the calibration tree, and dynamic trees to calibrate(dynamic=)")
     counts = torch.zeros(t.num_nodes, dtype=torch.float64)
     steps = 0
     eos = set(eos_token_ids)
