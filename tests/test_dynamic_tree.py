@@ -120,7 +120,8 @@ def test_tree_is_the_brute_force_selection_laid_out_as_a_tree(kind, spec):
 
 
 # ------------------------------------------------------------------ decoding
-SPECS = ["dynamic:nodes=20,depth=3,topk=4,width=3", "dynamic:nodes=10,depth=4,topk=3,width=2+ctx3"]
+SPECS = ["dynamic:nodes=20,depth=3,topk=4,width=3", "dynamic:nodes=10,depth=4,topk=3,width=2+ctx3",
+         "dynamic:nodes=3,depth=1,topk=4,width=1+ctx5"]
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
