@@ -310,7 +310,7 @@ def main(argv=None) -> int:
                     dict(question_id=q, new_tokens=len(r.tokens), wall_s=r.wall_s, tok_s=len(r.tokens) / r.wall_s,
                          tau=(sum(r.accept_lengths) / len(r.accept_lengths)) if r.accept_lengths else None)
                     for q, r in runs.get(name, {}).items()]
-        report["targets"] = check_targets(report["methods"], device)
+        report["targets"] = check_targets(report["methods"], device, same_tree=args.tree != "auto")
         meta["elapsed_s"] = time.perf_counter() - t_start
         tmp = args.json.with_suffix(".tmp")
         tmp.write_text(json.dumps(report, indent=1, default=str))

@@ -104,11 +104,12 @@ def summarize(m, runs: dict, all_runs: dict, split: dict | None, max_len: int, c
     return out
 
 
-def check_targets(summary: dict, device) -> list[dict]:
+def check_targets(summary: dict, device, same_tree: bool = True) -> list[dict]:
     """The projects' targets that this run measured. CUDA: the best Hydra++ method (any tree, context drafts
     included) >= 2.0x our plain decoding in the same mode, its tau >= 3.0 over the categories' mean and >= 2.5 in
     every category, no category where it is slower than plain, >= 1,500 tok/s (SmolLM2); on the same tree
-    Hydra++ / Medusa tau >= 1.43x and Hydra / Medusa >= 1.18x. CPU: Hydra++ >= 1.3x HF generate."""
+    Hydra++ / Medusa tau >= 1.43x and Hydra / Medusa >= 1.18x (``same_tree``: every kind ran the same static tree;
+    else those ratios are shown but not judged). CPU: Hydra++ >= 1.3x HF generate."""
     def x(m, b):
         return summary.get(m, {}).get("speedup", {}).get(b, {}).get("x")
 
@@ -139,8 +140,12 @@ def check_targets(summary: dict, device) -> list[dict]:
     for m, b, need in (("hydra++", "medusa", 1.43), ("hydra", "medusa", 1.18),
                        ("hydra++_compile", "medusa_compile", 1.43)):
         if summary.get(m, {}).get("tau") and summary.get(b, {}).get("tau"):
-            rows.append(row(f"{m} / {b} tau >= {need}x (the issue's: on one static tree)",
-                            summary[m]["tau"] / summary[b]["tau"], need))
+            ratio = summary[m]["tau"] / summary[b]["tau"]
+            if same_tree:
+                rows.append(row(f"{m} / {b} tau >= {need}x (on one static tree)", ratio, need))
+            else:  # the issue's ratio is on one tree: with each kind's own tree it is not judged
+                rows.append(dict(row(f"{m} / {b} tau >= {need}x (the target is on one static tree; here each kind "
+                                     "ran its own tree)", ratio, need), met=None, short_by=None, verdict="not judged"))
     return rows
 
 
@@ -149,7 +154,9 @@ def _f(v, fmt="{:.1f}"):
     return "-" if v is None else fmt.format(v)
 
 
-def _verdict(met, short_by=None) -> str:
+def _verdict(met, short_by=None, verdict=None) -> str:
+    if verdict:
+        return verdict
     if met is None:
         return "not measured"
     return "met" if met else "MISSED" + (f" (short by {short_by:.2f}x)" if short_by else "")
@@ -194,7 +201,8 @@ def render_md(report: dict) -> str:
     cat_table = C.md_table(["method"] + cats + ["mean over categories"], cat_rows) if len(cats) > 1 else ""
     hists = [f"- {n}: " + " ".join(f"{i + 1}:{c}" for i, c in enumerate(s["accept_hist"]))
              for n, s in methods.items() if s.get("accept_hist")]
-    targets = [f"- {t['target']}: {_f(t['measured'], '{:.2f}' + t.get('unit', 'x'))} " + _verdict(t["met"], t.get("short_by"))
+    targets = [f"- {t['target']}: {_f(t['measured'], '{:.2f}' + t.get('unit', 'x'))} "
+               + _verdict(t["met"], t.get("short_by"), t.get("verdict"))
                for t in report.get("targets", [])]
     notes = [f"- {k}: {v}" for k, v in report.get("notes", {}).items()]
     tail = ["", "tok/s: median over prompts of new tokens / wall time (prefill included). tau: tokens per step.",
