@@ -16,28 +16,6 @@ except ImportError:
     _EXTENSION = None
 
 
-# Every op this package calls: an extension built from older sources lacks some, and is then not used.
-OP_NAMES = ("tree_attention", "draft_head_mlp", "accept_greedy", "accept_typical", "accept_sample", "kv_compact",
-            "rms_norm", "add_rms_norm", "silu_mul", "rope_kv_write", "dynamic_tree_layout")
-
-
-def stale_reason(names=OP_NAMES) -> str | None:
-    """Why the loaded extension cannot serve this package (ops it lacks: built from older sources), or None."""
-    missing = [n for n in names if not hasattr(torch.ops.hydra_fast, n)]
-    if not missing:
-        return None
-    return (f"hydra_fast._C was built from older sources: it lacks the op(s) {', '.join(missing)}; the pure-PyTorch "
-            "reference ops run instead. Rebuild it: `pip install --no-build-isolation -e .` in the repository")
-
-
-_STALE = stale_reason() if _EXTENSION is not None else None
-if _STALE is not None:
-    import warnings
-
-    warnings.warn(_STALE, stacklevel=2)
-    _EXTENSION = None
-
-
 def _extension():
     """hydra_fast._C, or None when the extension was not built (or was built from older sources)."""
     return _EXTENSION
@@ -233,6 +211,27 @@ class _Kernels:
     silu_mul = staticmethod(silu_mul)
     rope_kv_write = staticmethod(rope_kv_write)
     dynamic_tree_layout = staticmethod(dynamic_tree_layout)
+
+
+# Every op this package calls (``_Kernels``): an extension built from older sources lacks some, and is then not used.
+OP_NAMES = tuple(name for name in vars(_Kernels) if not name.startswith("_"))
+
+
+def stale_reason(names=OP_NAMES) -> str | None:
+    """Why the loaded extension cannot serve this package (ops it lacks: built from older sources), or None."""
+    missing = [n for n in names if not hasattr(torch.ops.hydra_fast, n)]
+    if not missing:
+        return None
+    return (f"hydra_fast._C was built from older sources: it lacks the op(s) {', '.join(missing)}; the pure-PyTorch "
+            "reference ops run instead. Rebuild it: `pip install --no-build-isolation -e .` in the repository")
+
+
+_STALE = stale_reason() if _EXTENSION is not None else None
+if _STALE is not None:
+    import warnings
+
+    warnings.warn(_STALE, stacklevel=2)
+    _EXTENSION = None
 
 
 def _register_fakes() -> None:
