@@ -128,6 +128,7 @@ class DynamicBuffers:
         self.num_nodes = tree.num_nodes
         self.max_depth = tree.max_depth
         self.context_len = tree.context_len
+        self.widest = tree.topk  # the most guesses a level takes from one head
         self.device = device
         K, W, D = tree.topk, tree.width, tree.depth
         self.candidate_depth = torch.tensor([1] * K + [d for d in range(2, D + 1) for _ in range(W * K)],

@@ -17,10 +17,10 @@ from hydra_fast import context, dynamic_tree, ops
 from hydra_fast.attention import TreeAttention, register, use_tree_attention
 from hydra_fast.cache import TreeKVCache
 from hydra_fast.compat import cache_kwarg
+from hydra_fast.dynamic_tree import DynamicTree, StepTree
 from hydra_fast.fastpath import FusedDecoder, FusedLayer, NotFusable
 from hydra_fast.matmul import lm_head_logits
 from hydra_fast.sampling import filter_logits, inverse_cdf, target_probs, top_p_filter  # noqa: F401
-from hydra_fast.dynamic_tree import DynamicTree, StepTree
 from hydra_fast.tree import Tree
 
 
@@ -79,10 +79,10 @@ class SpeculativeEngine:
         if heads is not None and tree.heads_depth > len(heads.heads):
             raise ValueError(f"the tree is {tree.heads_depth} deep but there are only {len(heads.heads)} heads: use "
                              f"a tree of depth <= {len(heads.heads)}")
-        if heads is not None:
-            self._check_tree_width(tree, heads)
-            heads.prepare_draft(self.lm_head)  # a reduced draft vocabulary's compact LM heads, before any capture
         self.bufs = tree.buffers(device)
+        if heads is not None:
+            self._check_tree_width(heads)
+            heads.prepare_draft(self.lm_head)  # a reduced draft vocabulary's compact LM heads, before any capture
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         self.batch_size, self.capacity = batch_size, capacity
@@ -113,12 +113,9 @@ class SpeculativeEngine:
             W = context.history_width(capacity, tree.max_depth)
             self.history = torch.zeros(B, W, dtype=torch.long, device=device)
 
-    def _check_tree_width(self, tree, heads) -> None:
+    def _check_tree_width(self, heads) -> None:
         """A level cannot take more guesses than the heads draft from: refused here, before any kernel runs."""
-        if isinstance(tree, DynamicTree):
-            widest = tree.topk
-        else:
-            widest = max((n[-1] + 1 for n in tree.nodes[1:]), default=0)
+        widest = self.bufs.widest
         draft_vocab = getattr(heads, "draft_vocab", None)
         vocab = draft_vocab.size if draft_vocab is not None else self.lm_head.weight.shape[0]
         if widest > vocab:

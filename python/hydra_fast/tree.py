@@ -86,6 +86,11 @@ class TreeBuffers:
     def num_paths(self) -> int:
         return self.paths.shape[0]
 
+    @property
+    def widest(self) -> int:
+        """The most guesses any level takes from one head (its highest rank + 1; 0 without heads' nodes)."""
+        return max((level.topk for level in self.levels), default=0)
+
     def step_tree(self) -> StepTree:
         """The tree as the ops read it, shared by every sequence."""
         return StepTree(depth=self.depth, tree_mask=self.tree_mask, paths=self.paths, first_child=self.first_child,
