@@ -32,8 +32,7 @@ def _parser() -> argparse.ArgumentParser:
                        "'+ctxM' adds M context drafts, e.g. mc_sim_7b_63+ctx8), a dynamic tree built each step "
                        "from the heads' confidence ('dynamic' or 'dynamic:nodes=63,depth=4,topk=8,width=8'), a tree "
                        "file from `hydra-fast calibrate`, or auto (default: the heads' tree_<device>.json when they "
-                       "ship one, else "
-                       "mc_sim_7b_63)")
+                       "ship one, else mc_sim_7b_63)")
         s.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate at most (default 256)")
         s.add_argument("--context-draft", type=int, default=None, metavar="M",
                        help="also draft M tokens found in the prompt and the text so far (prompt lookup), verified "

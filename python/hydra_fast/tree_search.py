@@ -200,30 +200,26 @@ def calibrate(model, prompts: list[torch.Tensor], budgets=(1, 2, 3, 4, 6, 8, 12,
         raise ValueError("calibrate needs a HydraModel with draft heads")
     acc = measure_acceptance(model, prompts, calibration_tree, max_new_tokens, eos_token_ids)
     trees = list(dict.fromkeys([()] + [acc.best_nodes(b, d) for b in budgets for d in depths]))  # distinct, in order
-    ms_of = dict.fromkeys(trees, float("inf"))
-    for _ in range(rounds):
-        for nodes in trees:
-            ms_of[nodes] = min(ms_of[nodes], time_tree(model, [list(n) for n in nodes], prompts[0]))
-    candidates = []
-    for nodes in trees:
-        ms = ms_of[nodes]
-        exp = acc.expected_tokens(nodes)
-        candidates.append(dict(nodes=len(nodes), max_depth=max((len(n) for n in nodes), default=0),
-                               expected_tokens=round(exp, 4),
-                               step_ms=round(ms, 4), tokens_per_s=round(1e3 * exp / ms, 2),
-                               tree=[list(n) for n in nodes]))
-        if progress:
-            progress(candidates[-1])
     heads_depth = len(model.heads.heads)
-    for spec in dynamic:
-        t = Tree.from_choices(spec)
-        if t.heads_depth > heads_depth:
-            continue  # deeper than these heads draft
-        exp, ms = measure_tau(model, prompts, spec, max_new_tokens, eos_token_ids), float("inf")
-        for _ in range(rounds):
-            ms = min(ms, time_tree(model, spec, prompts[0]))
-        candidates.append(dict(nodes=t.nodes, max_depth=t.depth, expected_tokens=round(exp, 4), step_ms=round(ms, 4),
-                               tokens_per_s=round(1e3 * exp / ms, 2), tree=t.spec, dynamic=t.spec))
+    dyn = {t.spec: t for t in map(Tree.from_choices, dynamic) if t.heads_depth <= heads_depth}  # the heads' reach
+    runnable = {nodes: [list(n) for n in nodes] for nodes in trees} | {spec: spec for spec in dyn}
+    ms_of = dict.fromkeys(runnable, float("inf"))
+    for _ in range(rounds):  # static and dynamic candidates in the same interleaved passes
+        for key, tree in runnable.items():
+            ms_of[key] = min(ms_of[key], time_tree(model, tree, prompts[0]))
+    candidates = []
+    for key, tree in runnable.items():
+        ms = ms_of[key]
+        if key in dyn:  # tokens per step of a dynamic tree: measured by decoding
+            t = dyn[key]
+            exp = measure_tau(model, prompts, key, max_new_tokens, eos_token_ids)
+            shape = dict(nodes=t.nodes, max_depth=t.depth)
+        else:
+            exp = acc.expected_tokens(key)
+            shape = dict(nodes=len(key), max_depth=max((len(n) for n in key), default=0))
+        candidates.append(dict(shape, expected_tokens=round(exp, 4), step_ms=round(ms, 4),
+                               tokens_per_s=round(1e3 * exp / ms, 2), tree=tree,
+                               **({"dynamic": key} if key in dyn else {})))
         if progress:
             progress(candidates[-1])
     best = max(candidates, key=lambda c: c["tokens_per_s"])
