@@ -288,9 +288,8 @@ struct AddRmsNormLayout {
   RowLayout x, residual;
 };
 inline AddRmsNormLayout check_add_rms_norm(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
-                                    double eps) {
+                                           double eps, const char* op = "add_rms_norm") {
   namespace c = checks_detail;
-  const char* op = "add_rms_norm";
   const RowLayout xl = check_rms_norm(op, x, weight, eps);
   c::same_device(op, "residual", residual, "x", x);
   c::same_dtype(op, "residual", residual, "x", x);
@@ -301,14 +300,45 @@ inline AddRmsNormLayout check_add_rms_norm(const at::Tensor& x, const at::Tensor
 }
 
 // x [..., 2I]: gate | up. Last dim even and contiguous.
-inline RowLayout check_silu_mul(const at::Tensor& x) {
+inline RowLayout check_silu_mul(const at::Tensor& x, const char* op = "silu_mul") {
   namespace c = checks_detail;
-  const char* op = "silu_mul";
   TORCH_CHECK(x.dim() >= 1, "hydra_fast.", op, ": x must have at least 1 dim [..., 2I], got a 0-dim tensor");
   c::float_dtype(op, "x", x);
   TORCH_CHECK(x.size(-1) % 2 == 0, "hydra_fast.", op, ": x's last dim must be even (gate | up, 2I), got ",
               x.size(-1));
   c::last_dim_contiguous(op, "x", x);
+  return row_layout(op, "x", x);
+}
+
+// ---- the fused linear ops (linear, rms_norm_linear, add_rms_norm_linear, silu_mul_linear) ----------------------
+
+// The product's weight [N, K] (last dim contiguous) and bias [N] (or absent), on x's device and of x's dtype; K is
+// the width of the product's input (x's last dim, or half of it for silu_mul_linear: `k_from` says which).
+inline void check_linear_weight(const char* op, const at::Tensor& x, int64_t K, const char* k_from,
+                                const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  namespace c = checks_detail;
+  c::same_device(op, "weight", weight, "x", x);
+  c::dims(op, "weight", weight, 2, "[N, K]");
+  c::same_dtype(op, "weight", weight, "x", x);
+  c::size(op, "weight", weight, 1, K, k_from);
+  c::last_dim_contiguous(op, "weight", weight);
+  if (bias) {
+    c::same_device(op, "bias", *bias, "x", x);
+    c::dims(op, "bias", *bias, 1, "[N]");
+    c::same_dtype(op, "bias", *bias, "x", x);
+    c::size(op, "bias", *bias, 0, weight.size(0), "N from weight");
+    c::last_dim_contiguous(op, "bias", *bias);
+  }
+}
+
+// x [..., K] (float dtype, last dim contiguous, rows as row_layout), weight [N, K], bias [N] or absent.
+inline RowLayout check_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  namespace c = checks_detail;
+  const char* op = "linear";
+  TORCH_CHECK(x.dim() >= 1, "hydra_fast.", op, ": x must have at least 1 dim [..., K], got a 0-dim tensor");
+  c::float_dtype(op, "x", x);
+  c::last_dim_contiguous(op, "x", x);
+  check_linear_weight(op, x, x.size(-1), "K from x's last dim", weight, bias);
   return row_layout(op, "x", x);
 }
 

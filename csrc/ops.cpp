@@ -32,6 +32,16 @@ TORCH_LIBRARY(hydra_fast, m) {
   // q_norm/k_norm [D] -> q [B, N, Hq, D]; K and V of token n go to cache[layer, b, :, cache_lens[b] + n] (< S).
   m.def("rope_kv_write(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int layer, "
         "Tensor cache_lens, int num_q_heads, int num_kv_heads, Tensor? q_norm, Tensor? k_norm, float eps) -> Tensor");
+  // The fused linear ops: the decoder layer's elementwise step, then a projection x @ weight.T + bias (weight
+  // [N, K], bias [N]); on CUDA one GEMV kernel for a few rows. x [..., K] -> [..., N]
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  // linear(rms_norm(x, norm_weight, eps), weight, bias)
+  m.def("rms_norm_linear(Tensor x, Tensor norm_weight, float eps, Tensor weight, Tensor? bias) -> Tensor");
+  // (linear(rms_norm(x + residual), weight, bias), x + residual)
+  m.def("add_rms_norm_linear(Tensor x, Tensor residual, Tensor norm_weight, float eps, Tensor weight, Tensor? bias) "
+        "-> (Tensor, Tensor)");
+  // x [..., 2K] (gate | up) -> linear(silu_mul(x), weight, bias) [..., N]
+  m.def("silu_mul_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   // probs float32 [B, N, V] (target distributions), candidates int64 [B, N], first_child / next_sibling int64 [N]
   // or [B, N] (one tree per sequence; children in the order they are tried, -1 terminated), uniform float32
   // [B, N] -> as accept_greedy with L = max_depth + 1. Lossless sampling: point-mass multi-round rejection

@@ -168,6 +168,14 @@ def replay_cuda_graph(fn, static: list, fresh: list):
     return static_out, want, static, want_args
 
 
+def assert_op_refuses(device, op: str, args, match: str) -> None:
+    """hydra_fast op `op` on `device` raises a RuntimeError matching `match` for `args` (CPU tensors, moved)."""
+    require_kernel(op, device)
+    args = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
+    with pytest.raises(RuntimeError, match=match):
+        getattr(ops, op)(*args)
+
+
 def assert_names_cpu_argument(fn, args, index: int, name: str) -> None:
     """fn(*args) with argument `index` moved to the CPU (the rest on CUDA) is a RuntimeError that names it."""
     args = list(args)

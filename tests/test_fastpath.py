@@ -39,7 +39,8 @@ def run_forward(engine: SpeculativeEngine, ids, pos, mask):
 @pytest.mark.parametrize("use_kernels", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_fused_forward_matches_hf_modules(device, family, use_kernels, dtype):
-    """Prefill then a tree forward over the cache: hidden states and every cached K/V as the HF modules'."""
+    """Prefill, a tree forward, then a one-token step over the cache: hidden states and every cached K/V as the HF
+    modules'."""
     base = tiny(family).to(device=device, dtype=dtype)
     fused, why = FusedDecoder.build(base)
     assert fused is not None, why
@@ -57,7 +58,10 @@ def test_fused_forward_matches_hf_modules(device, family, use_kernels, dtype):
         engine.cache.lens.copy_(torch.tensor([T, T - 4], dtype=torch.int32))  # ragged lengths
         tree_pos = engine.cache.lens.long().view(2, 1) + engine.bufs.depth.view(1, -1)
         h2 = run_forward(engine, nodes, tree_pos, engine.bufs.tree_mask)
-        outs.append(h1 + h2)
+        # one token per sequence (2 rows: on CUDA the GEMV kernels with their fused prologues)
+        one = torch.ones(1, 1, dtype=torch.bool, device=device)
+        h3 = run_forward(engine, nodes[:, 1:2], engine.cache.lens.long().view(2, 1), one)
+        outs.append(h1 + h2 + h3)
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
     for hf, fast in zip(*outs):
         torch.testing.assert_close(fast.float(), hf.float(), **tol)

@@ -52,4 +52,11 @@ inline bool rows_vector_aligned(const at::Tensor& t, int64_t elems) {
   return t.size(-1) % elems == 0;
 }
 
+// Rows of `t` (`rows` of them, `row_stride` elements apart) start on `elems`-element boundaries and hold a multiple
+// of `elems` values: each row can be read in vectors of `elems` elements.
+inline bool rows_aligned(const at::Tensor& t, int64_t rows, int64_t row_stride, int64_t elems) {
+  return ptr_aligned(t.const_data_ptr(), static_cast<size_t>(elems * t.element_size())) && t.size(-1) % elems == 0 &&
+         (rows <= 1 || row_stride % elems == 0);
+}
+
 }  // namespace hydra_fast::cuda_glue

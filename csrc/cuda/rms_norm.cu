@@ -14,12 +14,6 @@
 namespace hydra_fast {
 namespace {
 
-// Rows of `t` (laid out as `l`) start on `elems`-element boundaries and hold a multiple of `elems` values.
-bool rows_aligned(const at::Tensor& t, const RowLayout& l, int64_t elems) {
-  return cuda_glue::ptr_aligned(t.const_data_ptr(), static_cast<size_t>(elems * t.element_size())) &&
-         t.size(-1) % elems == 0 && (l.rows <= 1 || l.row_stride % elems == 0);
-}
-
 // out = rms_norm(x [+ residual]); sum = x + residual when `residual` is given.
 void launch(const char* op, const at::Tensor& x, const RowLayout& xl, const at::Tensor* residual,
             const RowLayout& rl, const at::Tensor& weight, double eps, at::Tensor& out, at::Tensor* sum) {
@@ -29,7 +23,8 @@ void launch(const char* op, const at::Tensor& x, const RowLayout& xl, const at::
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t d = x.size(-1);
   const int64_t vec16 = 16 / x.element_size();
-  const bool wide = rows_aligned(x, xl, vec16) && (!residual || rows_aligned(*residual, rl, vec16)) &&
+  const bool wide = cuda_glue::rows_aligned(x, xl.rows, xl.row_stride, vec16) &&
+                    (!residual || cuda_glue::rows_aligned(*residual, rl.rows, rl.row_stride, vec16)) &&
                     cuda_glue::ptr_aligned(weight.const_data_ptr(), 16);
   const int64_t vec = wide ? vec16 : 1;
   // Vectors a thread holds: 1, 2, 4 (8 one element at a time), so that one CTA of at most 1024 threads spans d.

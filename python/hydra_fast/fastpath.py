@@ -3,8 +3,12 @@
 Per layer, instead of the ~50 small kernels of the HF modules (norms in fp32 with casts, three projections, RoPE
 in pieces, a cache scatter, two residual adds, SiLU and a multiply):
 
-    rms_norm / add_rms_norm  ->  q|k|v GEMM  ->  rope_kv_write  ->  tree_attention  ->  o GEMM
-    ->  add_rms_norm  ->  gate|up GEMM  ->  silu_mul  ->  down GEMM
+    [add_rms_norm + q|k|v]  ->  rope_kv_write  ->  tree_attention  ->  [o_proj]
+    ->  [add_rms_norm + gate|up]  ->  [silu_mul + down]
+
+where each bracket is one op (``ops.add_rms_norm_linear``, ``linear``, ``silu_mul_linear``): on CUDA, for the
+few rows of a plain or small-batch step, one GEMV kernel whose prologue is the elementwise step; for a draft
+tree's many rows, the elementwise kernel and a cuBLAS GEMM.
 
 The projections read fused weights: at build time the q, k and v (and gate and up) weights of each layer are
 copied once into one buffer and the HF modules' parameters become views of it, so the model's memory does not
@@ -19,7 +23,6 @@ import weakref
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 # Module classes whose forward this file reproduces, by model type (transformers 5.x).
@@ -51,14 +54,6 @@ def _norm(module, name: str) -> nn.Module:
     if norm is None or type(norm).__name__ not in _NORMS:
         raise NotFusable(f"{name} is {type(norm).__name__}, not one of {_NORMS}")
     return norm
-
-
-def _rms(x, norm: nn.Module, impl) -> torch.Tensor:
-    return impl.rms_norm(x, norm.weight, float(norm.variance_epsilon))
-
-
-def _add_rms(x, residual, norm: nn.Module, impl) -> tuple[torch.Tensor, torch.Tensor]:
-    return impl.add_rms_norm(x, residual, norm.weight, float(norm.variance_epsilon))
 
 
 def _fuse(linears: list[nn.Linear], inplace: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -148,10 +143,10 @@ class FusedLayer:
                 and v.data_ptr() == qkv + (q.shape[0] + k.shape[0]) * step
                 and gate.data_ptr() == gu and up.data_ptr() == gu + gate.shape[0] * gstep)
 
-    def attention(self, x, cos, sin, cache, layer: int, mask, impl) -> torch.Tensor:
-        """Normed input x [B, N, d] -> attention output after o_proj [B, N, d]; writes K/V into ``cache``."""
-        B, N, _ = x.shape
-        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)  # [B, N, (Hq + 2 Hkv) D]
+    def attention(self, qkv, cos, sin, cache, layer: int, mask, impl) -> torch.Tensor:
+        """The q|k|v projection qkv [B, N, (Hq + 2 Hkv) D] -> attention output after o_proj [B, N, d]; writes K/V
+        into ``cache``."""
+        B, N, _ = qkv.shape
         qn, kn = self.q_norm, self.k_norm
         q = impl.rope_kv_write(qkv, cos, sin, cache.k, cache.v, layer, cache.lens, self.num_q_heads,
                                self.num_kv_heads, qn.weight if qn is not None else None,
@@ -159,17 +154,33 @@ class FusedLayer:
                                float(qn.variance_epsilon) if qn is not None else 0.0)  # [B, N, Hq, D]
         out = impl.tree_attention(q.transpose(1, 2), cache.k[layer], cache.v[layer], cache.lens, mask,
                                   self.scaling)  # [B, N, Hq, D]
-        return self.o_proj(out.reshape(B, N, self.num_q_heads * self.head_dim))
+        o = self.o_proj
+        return impl.linear(out.reshape(B, N, self.num_q_heads * self.head_dim), o.weight, o.bias)
 
-    def mlp(self, x, impl) -> torch.Tensor:
-        """Normed input x [B, N, d] -> down_proj(silu(gate) * up) [B, N, d]."""
-        return self.down_proj(impl.silu_mul(F.linear(x, self.gate_up_weight, self.gate_up_bias)))
+    def step(self, pending, residual, cos, sin, cache, layer: int, mask, impl) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer on the residual stream: the previous layer's MLP output ``pending`` (None for the first layer)
+        and the residual stream before it [B, N, d] -> (this layer's MLP output, the residual stream before it).
+
+        Four kernels besides RoPE and attention: each RMSNorm (with the residual add before it) is the prologue of
+        the projection after it, and SiLU-and-multiply the prologue of down_proj (``ops.rms_norm_linear``, ...)."""
+        norm = self.input_norm
+        if pending is None:
+            qkv = impl.rms_norm_linear(residual, norm.weight, float(norm.variance_epsilon), self.qkv_weight,
+                                       self.qkv_bias)
+        else:
+            qkv, residual = impl.add_rms_norm_linear(pending, residual, norm.weight, float(norm.variance_epsilon),
+                                                     self.qkv_weight, self.qkv_bias)
+        attn = self.attention(qkv, cos, sin, cache, layer, mask, impl)
+        norm = self.post_norm
+        gate_up, residual = impl.add_rms_norm_linear(attn, residual, norm.weight, float(norm.variance_epsilon),
+                                                     self.gate_up_weight, self.gate_up_bias)
+        down = self.down_proj
+        return impl.silu_mul_linear(gate_up, down.weight, down.bias), residual
 
     def forward(self, hidden, cos, sin, cache, layer: int, mask, impl) -> torch.Tensor:
         """A whole layer, as the HF module: hidden [B, N, d] -> hidden [B, N, d] (used for one-layer stacks)."""
-        attn = self.attention(_rms(hidden, self.input_norm, impl), cos, sin, cache, layer, mask, impl)
-        x, residual = _add_rms(attn, hidden, self.post_norm, impl)
-        return residual + self.mlp(x, impl)
+        pending, residual = self.step(None, hidden, cos, sin, cache, layer, mask, impl)
+        return residual + pending
 
 
 class FusedDecoder:
@@ -226,11 +237,6 @@ class FusedDecoder:
         cos, sin = self.backbone.rotary_emb(hidden, position_ids)  # [B, N, D] each, in the model's dtype
         residual, pending = hidden, None
         for i, layer in enumerate(self.layers):
-            if pending is None:
-                x = _rms(residual, layer.input_norm, impl)
-            else:
-                x, residual = _add_rms(pending, residual, layer.input_norm, impl)
-            attn = layer.attention(x, cos, sin, cache, i, mask, impl)
-            x, residual = _add_rms(attn, residual, layer.post_norm, impl)
-            pending = layer.mlp(x, impl)
-        return _add_rms(pending, residual, self.final_norm, impl)[0]
+            pending, residual = layer.step(pending, residual, cos, sin, cache, i, mask, impl)
+        norm = self.final_norm
+        return impl.add_rms_norm(pending, residual, norm.weight, float(norm.variance_epsilon))[0]

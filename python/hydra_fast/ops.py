@@ -184,6 +184,30 @@ def rope_kv_write(qkv, cos, sin, k_cache, v_cache, layer: int, cache_lens, num_q
                                     q_norm, k_norm, eps)
 
 
+def linear(x, weight, bias=None) -> torch.Tensor:
+    """x [..., K] @ weight [N, K].T + bias [N] -> [..., N] contiguous (leading dims of x: one run of equally spaced
+    rows, last dim contiguous). On CUDA one GEMV kernel for up to 8 rows (16-byte aligned rows, K x rows x
+    element size <= 48 KB), else cuBLAS; the GEMV sums in another order than cuBLAS (equal to fp32 rounding)."""
+    return _require().linear(x, weight, bias)
+
+
+def rms_norm_linear(x, norm_weight, eps: float, weight, bias=None) -> torch.Tensor:
+    """linear(rms_norm(x, norm_weight, eps), weight, bias): x [..., K] -> [..., N]. On CUDA for a few rows (as
+    ``linear``) the norm is the GEMV's prologue: one kernel instead of two."""
+    return _require().rms_norm_linear(x, norm_weight, eps, weight, bias)
+
+
+def add_rms_norm_linear(x, residual, norm_weight, eps: float, weight, bias=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """add_rms_norm then linear: x, residual [..., K] -> (linear(rms_norm(x + residual)) [..., N], x + residual
+    [..., K], the new residual stream). One kernel on CUDA for a few rows (as ``linear``)."""
+    return _require().add_rms_norm_linear(x, residual, norm_weight, eps, weight, bias)
+
+
+def silu_mul_linear(x, weight, bias=None) -> torch.Tensor:
+    """linear(silu_mul(x), weight, bias): x [..., 2K] (gate | up) -> [..., N]. One kernel on CUDA for a few rows."""
+    return _require().silu_mul_linear(x, weight, bias)
+
+
 def dynamic_tree_layout(score, parent, candidate_depth, nodes: int, context_len: int, max_depth: int):
     """A dynamic draft tree's layout in one op (``hydra_fast.dynamic_tree``).
 
@@ -211,6 +235,10 @@ class _Kernels:
     silu_mul = staticmethod(silu_mul)
     rope_kv_write = staticmethod(rope_kv_write)
     dynamic_tree_layout = staticmethod(dynamic_tree_layout)
+    linear = staticmethod(linear)
+    rms_norm_linear = staticmethod(rms_norm_linear)
+    add_rms_norm_linear = staticmethod(add_rms_norm_linear)
+    silu_mul_linear = staticmethod(silu_mul_linear)
 
 
 # Every op this package calls (``_Kernels``): an extension built from older sources lacks some, and is then not used.
@@ -287,6 +315,25 @@ def _register_fakes() -> None:
     def _(qkv, cos, sin, k_cache, v_cache, layer, cache_lens, num_q_heads, num_kv_heads, q_norm, k_norm, eps):
         B, N = qkv.shape[:2]
         return qkv.new_empty((B, N, num_q_heads, cos.shape[-1]))
+
+    def _projected(x, weight):
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+    @torch.library.register_fake(lib + "linear")
+    def _(x, weight, bias):
+        return _projected(x, weight)
+
+    @torch.library.register_fake(lib + "rms_norm_linear")
+    def _(x, norm_weight, eps, weight, bias):
+        return _projected(x, weight)
+
+    @torch.library.register_fake(lib + "add_rms_norm_linear")
+    def _(x, residual, norm_weight, eps, weight, bias):
+        return _projected(x, weight), x.new_empty(x.shape)
+
+    @torch.library.register_fake(lib + "silu_mul_linear")
+    def _(x, weight, bias):
+        return _projected(x, weight)
 
     @torch.library.register_fake(lib + "dynamic_tree_layout")
     def _(score, parent, candidate_depth, nodes, context_len, max_depth):

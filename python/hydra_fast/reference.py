@@ -221,6 +221,32 @@ def silu_mul(
     return F.silu(gate) * up
 
 
+# The fused linear ops: the elementwise op before a projection, then the projection (on CUDA one GEMV kernel for
+# a few rows; its dot products are summed in another order than a GEMM's, so it matches these to fp32 rounding).
+def linear(
+    x: torch.Tensor,  # [..., K]
+    weight: torch.Tensor,  # [N, K]
+    bias: torch.Tensor | None,  # [N] or None
+) -> torch.Tensor:  # [..., N]
+    return F.linear(x, weight, bias)
+
+
+def rms_norm_linear(x, norm_weight, eps: float, weight, bias) -> torch.Tensor:
+    """linear(rms_norm(x [..., K], norm_weight [K], eps), weight [N, K], bias [N] or None) -> [..., N]."""
+    return F.linear(rms_norm(x, norm_weight, eps), weight, bias)
+
+
+def add_rms_norm_linear(x, residual, norm_weight, eps: float, weight, bias) -> tuple[torch.Tensor, torch.Tensor]:
+    """(linear(rms_norm(x + residual), weight, bias) [..., N], x + residual [..., K]): add_rms_norm, projected."""
+    normed, h = add_rms_norm(x, residual, norm_weight, eps)
+    return F.linear(normed, weight, bias), h
+
+
+def silu_mul_linear(x, weight, bias) -> torch.Tensor:
+    """linear(silu_mul(x [..., 2K]), weight [N, K], bias [N] or None) -> [..., N]."""
+    return F.linear(silu_mul(x), weight, bias)
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

@@ -1,0 +1,148 @@
+// CUDA glue of linear, rms_norm_linear, add_rms_norm_linear and silu_mul_linear: checks, then the GEMV kernel
+// (kernels/fused_linear.cuh) for up to kFlMaxRows rows whose inputs fit in shared memory and are 16-byte aligned,
+// else the composed two steps (fused_linear.h: the elementwise kernel, then cuBLAS), which is also what a tree of
+// many nodes runs: at 16+ rows the GEMV would read the weight once but leave the tensor cores idle.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "checks.h"
+#include "fused_linear.h"
+#include "glue.h"
+#include "kernels/fused_linear.cuh"
+#include "static_switch.h"
+
+namespace hydra_fast {
+namespace {
+
+using kernels::Prologue;
+
+// The inputs of one fused linear op.
+struct Inputs {
+  const at::Tensor& x;
+  RowLayout xl;
+  const at::Tensor* residual;  // add_rms_norm_linear
+  RowLayout rl;
+  const at::Tensor* norm_weight;  // rms_norm_linear, add_rms_norm_linear
+  double eps;
+  const at::Tensor& weight;
+  const std::optional<at::Tensor>& bias;
+  int64_t K;  // the product's input width
+};
+
+// Whether the GEMV kernel takes these inputs.
+bool gemv_fits(const Inputs& in) {
+  const int64_t elems = 16 / in.x.element_size();
+  const int64_t M = in.xl.rows, N = in.weight.size(0);
+  return M >= 1 && M <= kernels::kFlMaxRows && in.K >= 1 && in.K % elems == 0 &&
+         kernels::fused_linear_smem(static_cast<int>(M), static_cast<int>(in.K), in.x.element_size()) <=
+             static_cast<size_t>(kernels::kFlMaxSmem) &&
+         N < (int64_t(1) << 31) && in.xl.row_stride < (int64_t(1) << 31) &&
+         cuda_glue::rows_aligned(in.x, in.xl.rows, in.xl.row_stride, elems) &&
+         (!in.residual || cuda_glue::rows_aligned(*in.residual, in.rl.rows, in.rl.row_stride, elems)) &&
+         (!in.norm_weight || cuda_glue::ptr_aligned(in.norm_weight->const_data_ptr(), 16)) &&
+         cuda_glue::ptr_aligned(in.weight.const_data_ptr(), 16) && (N <= 1 || in.weight.stride(0) % elems == 0);
+}
+
+// out [..., N] (and, for kAddRms, sum [..., K]) by the GEMV kernel.
+template <Prologue P>
+void launch(const char* op, const Inputs& in, at::Tensor& out, at::Tensor* sum) {
+  const c10::cuda::CUDAGuard guard(in.x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  kernels::FusedLinearParams p{};
+  p.x = in.x.const_data_ptr();
+  p.x_stride = in.xl.row_stride;
+  p.residual = in.residual ? in.residual->const_data_ptr() : nullptr;
+  p.residual_stride = in.rl.row_stride;
+  p.norm_weight = in.norm_weight ? in.norm_weight->const_data_ptr() : nullptr;
+  p.weight = in.weight.const_data_ptr();
+  p.w_stride = in.weight.stride(0);
+  p.bias = in.bias ? in.bias->const_data_ptr() : nullptr;
+  p.out = out.mutable_data_ptr();
+  p.sum = sum ? sum->mutable_data_ptr() : nullptr;
+  p.M = static_cast<int>(in.xl.rows);
+  p.N = static_cast<int>(in.weight.size(0));
+  p.K = static_cast<int>(in.K);
+  p.eps = static_cast<float>(in.eps);
+  const int sms = cuda_glue::sm_count(in.x.get_device());
+  const cudaError_t err = HF_DTYPE_SWITCH(in.x.scalar_type(), T, [&] {
+    return HF_POW2_UPTO8_SWITCH(p.M, kRows, [&] {
+      return HF_BOOL_SWITCH(in.bias.has_value(), kBias,
+                            [&] { return kernels::launch_fused_linear<T, P, kRows, kBias>(p, sms, stream); });
+    });
+  });
+  TORCH_CHECK(err == cudaSuccess, "hydra_fast.", op, ": CUDA launch failed: ", cudaGetErrorString(err));
+}
+
+std::vector<int64_t> with_last(const at::Tensor& x, int64_t n) {
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = n;
+  return shape;
+}
+
+at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  const Inputs in{x, check_linear(x, weight, bias), nullptr, {}, nullptr, 0.0, weight, bias, x.size(-1)};
+  TORCH_CHECK(x.is_cuda(), "hydra_fast.linear: x must be a CUDA tensor");
+  if (!gemv_fits(in)) return composed::project(x, weight, bias);
+  at::Tensor out = at::empty(with_last(x, weight.size(0)), x.options());  // [..., N]
+  launch<Prologue::kNone>("linear", in, out, nullptr);
+  return out;
+}
+
+at::Tensor rms_norm_linear_cuda(const at::Tensor& x, const at::Tensor& norm_weight, double eps,
+                                const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  const char* op = "rms_norm_linear";
+  const RowLayout xl = check_rms_norm(op, x, norm_weight, eps);
+  check_linear_weight(op, x, x.size(-1), "K from x's last dim", weight, bias);
+  TORCH_CHECK(x.is_cuda(), "hydra_fast.", op, ": x must be a CUDA tensor");
+  const Inputs in{x, xl, nullptr, {}, &norm_weight, eps, weight, bias, x.size(-1)};
+  if (!gemv_fits(in)) return composed::project(composed::rms_norm(x, norm_weight, eps), weight, bias);
+  at::Tensor out = at::empty(with_last(x, weight.size(0)), x.options());  // [..., N]
+  launch<Prologue::kRms>(op, in, out, nullptr);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> add_rms_norm_linear_cuda(const at::Tensor& x, const at::Tensor& residual,
+                                                            const at::Tensor& norm_weight, double eps,
+                                                            const at::Tensor& weight,
+                                                            const std::optional<at::Tensor>& bias) {
+  const char* op = "add_rms_norm_linear";
+  const AddRmsNormLayout l = check_add_rms_norm(x, residual, norm_weight, eps, op);
+  check_linear_weight(op, x, x.size(-1), "K from x's last dim", weight, bias);
+  TORCH_CHECK(x.is_cuda(), "hydra_fast.", op, ": x must be a CUDA tensor");
+  const Inputs in{x, l.x, &residual, l.residual, &norm_weight, eps, weight, bias, x.size(-1)};
+  if (!gemv_fits(in)) {
+    auto [h, sum] = composed::add_rms_norm(x, residual, norm_weight, eps);
+    return {composed::project(h, weight, bias), sum};
+  }
+  at::Tensor out = at::empty(with_last(x, weight.size(0)), x.options());  // [..., N]
+  at::Tensor sum = at::empty(x.sizes(), x.options());                     // [..., K]
+  launch<Prologue::kAddRms>(op, in, out, &sum);
+  return {out, sum};
+}
+
+at::Tensor silu_mul_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  const char* op = "silu_mul_linear";
+  const RowLayout xl = check_silu_mul(x, op);
+  check_linear_weight(op, x, x.size(-1) / 2, "K, half of x's last dim (gate | up)", weight, bias);
+  TORCH_CHECK(x.is_cuda(), "hydra_fast.", op, ": x must be a CUDA tensor");
+  const Inputs in{x, xl, nullptr, {}, nullptr, 0.0, weight, bias, x.size(-1) / 2};
+  if (!gemv_fits(in)) return composed::project(composed::silu_mul(x), weight, bias);
+  at::Tensor out = at::empty(with_last(x, weight.size(0)), x.options());  // [..., N]
+  launch<Prologue::kSiluMul>(op, in, out, nullptr);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(hydra_fast, CUDA, m) {
+  m.impl("linear", &linear_cuda);
+  m.impl("rms_norm_linear", &rms_norm_linear_cuda);
+  m.impl("add_rms_norm_linear", &add_rms_norm_linear_cuda);
+  m.impl("silu_mul_linear", &silu_mul_linear_cuda);
+}
+
+}  // namespace hydra_fast

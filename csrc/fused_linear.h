@@ -1,0 +1,44 @@
+// The fused linear ops (linear, rms_norm_linear, add_rms_norm_linear, silu_mul_linear) as their two steps: the
+// elementwise op (hydra_fast::rms_norm, add_rms_norm or silu_mul, called through the dispatcher, so the kernel of
+// the tensors' device runs), then at::linear (MKL on the CPU, cuBLAS on CUDA). This is the whole CPU
+// implementation, and the CUDA one for the shapes its GEMV kernel does not take (more than a few rows, unaligned
+// rows). Checks are the caller's (checks.h), done before this runs.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <optional>
+#include <tuple>
+
+namespace hydra_fast::composed {
+
+inline at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("hydra_fast::rms_norm", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, double)>();
+  return op.call(x, weight, eps);
+}
+
+inline std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& residual,
+                                                       const at::Tensor& weight, double eps) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("hydra_fast::add_rms_norm", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
+  return op.call(x, residual, weight, eps);
+}
+
+inline at::Tensor silu_mul(const at::Tensor& x) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("hydra_fast::silu_mul", "")
+                             .typed<at::Tensor(const at::Tensor&)>();
+  return op.call(x);
+}
+
+// h [..., K] @ weight [N, K].T + bias -> [..., N], contiguous.
+inline at::Tensor project(const at::Tensor& h, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  return at::linear(h, weight, bias).contiguous();
+}
+
+}  // namespace hydra_fast::composed

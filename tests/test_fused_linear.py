@@ -1,0 +1,196 @@
+"""The fused linear ops (linear, rms_norm_linear, add_rms_norm_linear, silu_mul_linear) against reference.py.
+
+On CUDA, up to 8 rows run one GEMV kernel whose prologue is the elementwise op; more rows, or unaligned rows, run
+the elementwise kernel and cuBLAS. Both are covered here: each case's row count says which.
+- The prologue is checked exactly: with an identity weight the product is the prologue's output (a sum of one
+  product and zeros), so it must match the reference elementwise op within test_layer_ops' ulp budget.
+- The projection sums in another order than a GEMM: results match the reference to the dtype's rounding.
+- The new residual stream of add_rms_norm_linear is exact (one rounded add).
+Then opcheck, torch.compile(fullgraph=True), CUDA-graph capture and bad inputs.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import (
+    DTYPES, assert_names_cpu_argument, assert_op_refuses, cuda_ready, generator, needs_extension, noncontiguous, randn,
+    replay_cuda_graph,
+    require_kernel,
+)
+from hydra_fast import ops, reference
+from test_layer_ops import assert_matches_reference, layout
+from test_ops import seed_of
+
+pytestmark = needs_extension
+
+OPS = ["linear", "rms_norm_linear", "add_rms_norm_linear", "silu_mul_linear"]
+EPS = 1e-6
+
+
+def make_inputs(op: str, rows: tuple, K: int, N: int, dtype, device, gen, bias: bool = True, kind="contiguous",
+                weight=None):
+    """The op's arguments: x [*rows, K] (silu_mul_linear: [*rows, 2K]) laid out as `kind`, weights scaled so the
+    outputs are O(1)."""
+    width = 2 * K if op == "silu_mul_linear" else K
+    x = layout(randn((*rows, width), dtype, device, gen), kind)
+    if weight is None:
+        weight = randn((N, K), dtype, device, gen, scale=1.0 / math.sqrt(K))
+    b = randn((N,), dtype, device, gen) if bias else None
+    if op == "linear":
+        return [x, weight, b]
+    if op == "silu_mul_linear":
+        return [x, weight, b]
+    norm = randn((K,), dtype, device, gen, scale=0.5) + 1.0
+    if op == "rms_norm_linear":
+        return [x, norm, EPS, weight, b]
+    residual = layout(randn((*rows, K), dtype, device, gen), kind)
+    return [x, residual, norm, EPS, weight, b]
+
+
+def prologue(op: str, args):
+    """The reference elementwise step of the op (its product's input rows)."""
+    if op == "linear":
+        return args[0]
+    if op == "silu_mul_linear":
+        return reference.silu_mul(args[0])
+    if op == "rms_norm_linear":
+        return reference.rms_norm(*args[:3])
+    return reference.add_rms_norm(*args[:4])[0]
+
+
+# (rows, K, N, layout): few rows (the CUDA GEMV: 1, 2, 3, 8 rows), more rows (the cuBLAS path: 9, 64), widths of
+# SmolLM2 (576, 1536) and Llama-8B (4096), odd N, strided rows, and a misaligned slice (the cuBLAS path on CUDA)
+CASES = [((1,), 64, 96, "contiguous"), ((1, 1), 576, 960, "contiguous"), ((1, 2), 576, 1539, "rows"),
+         ((3,), 1536, 576, "contiguous"), ((8,), 4096, 130, "contiguous"), ((9,), 576, 200, "contiguous"),
+         ((2, 32), 576, 70, "contiguous"), ((2,), 576, 33, "slice"), ((1, 5), 4096, 7, "rows")]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{'x'.join(map(str, c[0]))}-K{c[1]}-N{c[2]}-{c[3]}")
+def test_matches_reference(device, dtype, op, case):
+    require_kernel(op, device)
+    rows, K, N, kind = case
+    gen = generator(seed_of("fused_linear", op, case, dtype))
+    args = make_inputs(op, rows, K, N, dtype, device, gen, bias=(N % 2 == 0), kind=kind)
+    got, want = getattr(ops, op)(*args), getattr(reference, op)(*args)
+    if op == "add_rms_norm_linear":
+        assert torch.equal(got[1], want[1])  # the new residual stream: one rounded add
+        assert got[1].is_contiguous()
+        got, want = got[0], want[0]
+    assert got.shape == want.shape == (*rows, N) and got.dtype == dtype and got.is_contiguous()
+    # against the product in float64 of the same (reference) inputs: ours no further off than the dtype allows
+    exact = torch.nn.functional.linear(prologue(op, args).double(), args[-2].double(),
+                                       None if args[-1] is None else args[-1].double())
+    tol = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    err = (got.double() - exact).abs() / (exact.abs() + 1.0)
+    ref_err = (want.double() - exact).abs() / (exact.abs() + 1.0)
+    assert err.max().item() <= max(tol, 2 * ref_err.max().item()), (err.max().item(), ref_err.max().item())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op", OPS[1:])
+@pytest.mark.parametrize("rows,K", [((1,), 576), ((4,), 64 + 8), ((2, 1), 1536), ((12,), 576)])
+def test_prologue_is_exact(device, dtype, op, rows, K):
+    """An identity weight makes the product the prologue itself: every element within the ulp budget of the
+    reference norm / SiLU-and-multiply (the GEMV's prologue, or the elementwise kernel at 12 rows)."""
+    require_kernel(op, device)
+    gen = generator(seed_of("fused_linear_prologue", op, rows, K, dtype))
+    eye = torch.eye(K, dtype=dtype, device=device)
+    args = make_inputs(op, rows, K, K, dtype, device, gen, bias=False, weight=eye)
+    got = getattr(ops, op)(*args)
+    got = got[0] if isinstance(got, tuple) else got
+    assert_matches_reference(got, prologue(op, args))
+
+
+def small_inputs(op: str, device, seed: int = 0, rows=(3,)):
+    return make_inputs(op, rows, 64, 40, torch.float32, device, generator(seed_of("small", op, seed)))
+
+
+@pytest.mark.parametrize("rows", [(3,), (2, 12)], ids=["gemv", "gemm"])
+@pytest.mark.parametrize("op", OPS)
+def test_opcheck(device, op, rows):
+    require_kernel(op, device)
+    torch.library.opcheck(getattr(torch.ops.hydra_fast, op).default, small_inputs(op, device, rows=rows))
+
+
+def _all(impl, inputs):
+    return [getattr(impl, op)(*args) for op, args in zip(OPS, inputs)]
+
+
+def test_compile_fullgraph(device):
+    for op in OPS:
+        require_kernel(op, device)
+    inputs = [small_inputs(op, device) for op in OPS]
+    torch._dynamo.reset()
+    got = torch.compile(lambda *a: _all(ops, a), fullgraph=True)(*inputs)
+    for g, w in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(_all(ops, inputs))):
+        assert torch.equal(g, w)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not cuda_ready(), reason="needs a CUDA device and hydra_fast._C built with CUDA")
+@pytest.mark.parametrize("rows", [(3,), (2, 12)], ids=["gemv", "gemm"])
+@pytest.mark.parametrize("op", OPS)
+def test_cuda_graph(op, rows):
+    require_kernel(op, "cuda")
+    static_out, want, _, _ = replay_cuda_graph(getattr(ops, op), small_inputs(op, "cuda", 1, rows),
+                                               small_inputs(op, "cuda", 2, rows))
+    for g, w in zip(torch.utils._pytree.tree_leaves(static_out), torch.utils._pytree.tree_leaves(want)):
+        assert torch.equal(g, w)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bad inputs: a RuntimeError that names what is wrong, before any kernel runs
+
+def _bad():
+    def base(op):
+        return small_inputs(op, "cpu")  # x [3, 64] ([3, 128] for silu), weight [40, 64], bias [40]
+
+    def swap(op, index, value):
+        args = list(base(op))
+        args[index] = value
+        return args
+
+    w = base("linear")[1]
+    cases = []
+    for op in OPS:
+        wi = len(base(op)) - 2  # the weight's position
+        cases += [
+            (op, "weight K", swap(op, wi, w[:, :32].contiguous()), r"weight.size\(1\) must be K"),
+            (op, "weight dtype", swap(op, wi, w.half()), r"weight must have the dtype of x"),
+            (op, "weight rank", swap(op, wi, w.reshape(-1)), r"weight must have 2 dims"),
+            (op, "weight last dim", swap(op, wi, noncontiguous(w.t().contiguous(), 0).t()),
+             r"weight must have a contiguous last dim"),
+            (op, "bias size", swap(op, wi + 1, torch.zeros(39)), r"bias.size\(0\) must be N from weight"),
+            (op, "bias dtype", swap(op, wi + 1, torch.zeros(40, dtype=torch.float16)), r"bias must have the dtype"),
+            (op, "x dtype", swap(op, 0, base(op)[0].double()), r"x must be bfloat16, float16 or float32"),
+        ]
+    cases += [
+        ("silu_mul_linear", "odd width", swap("silu_mul_linear", 0, torch.zeros(3, 127)), r"last dim must be even"),
+        ("rms_norm_linear", "norm size", swap("rms_norm_linear", 1, torch.zeros(8)), r"weight.size\(0\) must be d"),
+        ("add_rms_norm_linear", "residual shape", swap("add_rms_norm_linear", 1, torch.zeros(2, 64)),
+         r"residual must have x's shape"),
+        ("rms_norm_linear", "eps", swap("rms_norm_linear", 2, -1.0), r"eps must be >= 0"),
+    ]
+    return cases
+
+
+BAD = _bad()
+
+
+@pytest.mark.parametrize("op,what,args,match", BAD, ids=[f"{b[0]}-{b[1]}" for b in BAD])
+def test_bad_inputs(device, op, what, args, match):
+    assert_op_refuses(device, op, args, match)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not cuda_ready(), reason="needs a CUDA device and hydra_fast._C built with CUDA")
+@pytest.mark.parametrize("op,index,name", [("linear", 1, "weight"), ("linear", 2, "bias"),
+                                           ("add_rms_norm_linear", 1, "residual"), ("rms_norm_linear", 3, "weight")])
+def test_device_mismatch(op, index, name):
+    require_kernel(op, "cuda")
+    assert_names_cpu_argument(getattr(ops, op), small_inputs(op, "cuda"), index, name)
