@@ -310,10 +310,10 @@ inline RowLayout check_silu_mul(const at::Tensor& x, const char* op = "silu_mul"
   return row_layout(op, "x", x);
 }
 
-// ---- the fused linear ops (linear, rms_norm_linear, add_rms_norm_linear, silu_mul_linear) ----------------------
+// ---- the fused linear ops (linear, rms_norm_linear, add_rms_norm_linear) -------------------------------------------
 
 // The product's weight [N, K] (last dim contiguous) and bias [N] (or absent), on x's device and of x's dtype; K is
-// the width of the product's input (x's last dim, or half of it for silu_mul_linear: `k_from` says which).
+// the width of the product's input (`k_from` says where it comes from).
 inline void check_linear_weight(const char* op, const at::Tensor& x, int64_t K, const char* k_from,
                                 const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   namespace c = checks_detail;
@@ -332,6 +332,12 @@ inline void check_linear_weight(const char* op, const at::Tensor& x, int64_t K, 
 }
 
 // x [..., K] (float dtype, last dim contiguous, rows as row_layout), weight [N, K], bias [N] or absent.
+// silu_mul: the weight is gate | up, so its row count must be even.
+inline void check_silu_mul_rows(const char* op, const at::Tensor& weight) {
+  TORCH_CHECK(weight.size(0) % 2 == 0, "hydra_fast.", op, ": with silu_mul=True weight is gate | up [2I, K]: its ",
+              "row count must be even, got ", weight.size(0));
+}
+
 inline RowLayout check_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   namespace c = checks_detail;
   const char* op = "linear";

@@ -1,8 +1,8 @@
-// The fused linear ops (linear, rms_norm_linear, add_rms_norm_linear, silu_mul_linear) as their two steps: the
-// elementwise op (hydra_fast::rms_norm, add_rms_norm or silu_mul, called through the dispatcher, so the kernel of
-// the tensors' device runs), then at::linear (MKL on the CPU, cuBLAS on CUDA). This is the whole CPU
-// implementation, and the CUDA one for the shapes its GEMV kernel does not take (more than a few rows, unaligned
-// rows). Checks are the caller's (checks.h), done before this runs.
+// The fused linear ops (linear, rms_norm_linear, add_rms_norm_linear) as their steps: the elementwise op
+// (hydra_fast::rms_norm or add_rms_norm, called through the dispatcher, so the kernel of the tensors' device
+// runs), at::linear (MKL on the CPU, cuBLAS on CUDA), then, for silu_mul=True, hydra_fast::silu_mul. This is
+// the whole CPU implementation, and the CUDA one for the shapes its GEMV kernel does not take (more than a few
+// rows, unaligned rows). Checks are the caller's (checks.h), done before this runs.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -36,9 +36,20 @@ inline at::Tensor silu_mul(const at::Tensor& x) {
   return op.call(x);
 }
 
-// h [..., K] @ weight [N, K].T + bias -> [..., N], contiguous.
-inline at::Tensor project(const at::Tensor& h, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
-  return at::linear(h, weight, bias).contiguous();
+// h [..., K] @ weight [N, K].T + bias -> [..., N] contiguous, or its silu_mul [..., N / 2].
+inline at::Tensor project(const at::Tensor& h, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                          bool silu_mul_out = false) {
+  at::Tensor out = at::linear(h, weight, bias).contiguous();
+  return silu_mul_out ? silu_mul(out) : out;
+}
+
+// add_rms_norm_linear as its steps.
+inline std::tuple<at::Tensor, at::Tensor> add_rms_norm_linear(const at::Tensor& x, const at::Tensor& residual,
+                                                              const at::Tensor& norm_weight, double eps,
+                                                              const at::Tensor& weight,
+                                                              const std::optional<at::Tensor>& bias, bool silu_mul_out) {
+  auto [h, sum] = add_rms_norm(x, residual, norm_weight, eps);
+  return {project(h, weight, bias, silu_mul_out), sum};
 }
 
 }  // namespace hydra_fast::composed

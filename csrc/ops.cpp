@@ -37,11 +37,10 @@ TORCH_LIBRARY(hydra_fast, m) {
   m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   // linear(rms_norm(x, norm_weight, eps), weight, bias)
   m.def("rms_norm_linear(Tensor x, Tensor norm_weight, float eps, Tensor weight, Tensor? bias) -> Tensor");
-  // (linear(rms_norm(x + residual), weight, bias), x + residual)
-  m.def("add_rms_norm_linear(Tensor x, Tensor residual, Tensor norm_weight, float eps, Tensor weight, Tensor? bias) "
-        "-> (Tensor, Tensor)");
-  // x [..., 2K] (gate | up) -> linear(silu_mul(x), weight, bias) [..., N]
-  m.def("silu_mul_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  // (linear(rms_norm(x + residual), weight, bias), x + residual); silu_mul: weight is gate | up [2I, K] and the
+  // first output is silu_mul of the product [..., I] (the MLP's activation)
+  m.def("add_rms_norm_linear(Tensor x, Tensor residual, Tensor norm_weight, float eps, Tensor weight, Tensor? bias, "
+        "bool silu_mul=False) -> (Tensor, Tensor)");
   // probs float32 [B, N, V] (target distributions), candidates int64 [B, N], first_child / next_sibling int64 [N]
   // or [B, N] (one tree per sequence; children in the order they are tried, -1 terminated), uniform float32
   // [B, N] -> as accept_greedy with L = max_depth + 1. Lossless sampling: point-mass multi-round rejection

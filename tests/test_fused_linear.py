@@ -1,9 +1,11 @@
-"""The fused linear ops (linear, rms_norm_linear, add_rms_norm_linear, silu_mul_linear) against reference.py.
+"""The fused linear ops (linear, rms_norm_linear, add_rms_norm_linear with and without its SiLU-and-multiply
+epilogue, "+silu" below) against reference.py.
 
 On CUDA, up to 8 rows run one GEMV kernel whose prologue is the elementwise op; more rows, or unaligned rows, run
 the elementwise kernel and cuBLAS. Both are covered here: each case's row count says which.
 - The prologue is checked exactly: with an identity weight the product is the prologue's output (a sum of one
-  product and zeros), so it must match the reference elementwise op within test_layer_ops' ulp budget.
+  product and zeros), so it must match the reference elementwise op within test_layer_ops' ulp budget; the
+  epilogue likewise, with the weight [I | I] making gate and up the same normed row.
 - The projection sums in another order than a GEMM: results match the reference to the dtype's rounding.
 - The new residual stream of add_rms_norm_linear is exact (one rounded add).
 Then opcheck, torch.compile(fullgraph=True), CUDA-graph capture and bad inputs.
@@ -26,22 +28,30 @@ from test_ops import seed_of
 
 pytestmark = needs_extension
 
-OPS = ["linear", "rms_norm_linear", "add_rms_norm_linear", "silu_mul_linear"]
+OPS = ["linear", "rms_norm_linear", "add_rms_norm_linear", "add_rms_norm_linear+silu"]
 EPS = 1e-6
+
+
+def op_name(op: str) -> str:
+    return op.split("+")[0]
+
+
+def call(impl, op: str, args):
+    """impl's function for `op` ("+silu": add_rms_norm_linear with silu_mul=True) on args."""
+    fn = getattr(impl, op_name(op))
+    return fn(*args, silu_mul=True) if op.endswith("+silu") else fn(*args)
 
 
 def make_inputs(op: str, rows: tuple, K: int, N: int, dtype, device, gen, bias: bool = True, kind="contiguous",
                 weight=None):
-    """The op's arguments: x [*rows, K] (silu_mul_linear: [*rows, 2K]) laid out as `kind`, weights scaled so the
-    outputs are O(1)."""
-    width = 2 * K if op == "silu_mul_linear" else K
-    x = layout(randn((*rows, width), dtype, device, gen), kind)
+    """The op's arguments: x [*rows, K] laid out as `kind`, weights scaled so the outputs are O(1) ("+silu": a
+    gate | up weight [2N, K], so the output is [*rows, N])."""
+    x = layout(randn((*rows, K), dtype, device, gen), kind)
+    rows_w = 2 * N if op.endswith("+silu") else N
     if weight is None:
-        weight = randn((N, K), dtype, device, gen, scale=1.0 / math.sqrt(K))
-    b = randn((N,), dtype, device, gen) if bias else None
+        weight = randn((rows_w, K), dtype, device, gen, scale=1.0 / math.sqrt(K))
+    b = randn((rows_w,), dtype, device, gen) if bias else None
     if op == "linear":
-        return [x, weight, b]
-    if op == "silu_mul_linear":
         return [x, weight, b]
     norm = randn((K,), dtype, device, gen, scale=0.5) + 1.0
     if op == "rms_norm_linear":
@@ -54,8 +64,6 @@ def prologue(op: str, args):
     """The reference elementwise step of the op (its product's input rows)."""
     if op == "linear":
         return args[0]
-    if op == "silu_mul_linear":
-        return reference.silu_mul(args[0])
     if op == "rms_norm_linear":
         return reference.rms_norm(*args[:3])
     return reference.add_rms_norm(*args[:4])[0]
@@ -72,12 +80,12 @@ CASES = [((1,), 64, 96, "contiguous"), ((1, 1), 576, 960, "contiguous"), ((1, 2)
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{'x'.join(map(str, c[0]))}-K{c[1]}-N{c[2]}-{c[3]}")
 def test_matches_reference(device, dtype, op, case):
-    require_kernel(op, device)
+    require_kernel(op_name(op), device)
     rows, K, N, kind = case
     gen = generator(seed_of("fused_linear", op, case, dtype))
     args = make_inputs(op, rows, K, N, dtype, device, gen, bias=(N % 2 == 0), kind=kind)
-    got, want = getattr(ops, op)(*args), getattr(reference, op)(*args)
-    if op == "add_rms_norm_linear":
+    got, want = call(ops, op, args), call(reference, op, args)
+    if op_name(op) == "add_rms_norm_linear":
         assert torch.equal(got[1], want[1])  # the new residual stream: one rounded add
         assert got[1].is_contiguous()
         got, want = got[0], want[0]
@@ -85,6 +93,9 @@ def test_matches_reference(device, dtype, op, case):
     # against the product in float64 of the same (reference) inputs: ours no further off than the dtype allows
     exact = torch.nn.functional.linear(prologue(op, args).double(), args[-2].double(),
                                        None if args[-1] is None else args[-1].double())
+    if op.endswith("+silu"):
+        gate, up = exact.chunk(2, dim=-1)
+        exact = torch.nn.functional.silu(gate) * up
     tol = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
     err = (got.double() - exact).abs() / (exact.abs() + 1.0)
     ref_err = (want.double() - exact).abs() / (exact.abs() + 1.0)
@@ -96,14 +107,20 @@ def test_matches_reference(device, dtype, op, case):
 @pytest.mark.parametrize("rows,K", [((1,), 576), ((4,), 64 + 8), ((2, 1), 1536), ((12,), 576)])
 def test_prologue_is_exact(device, dtype, op, rows, K):
     """An identity weight makes the product the prologue itself: every element within the ulp budget of the
-    reference norm / SiLU-and-multiply (the GEMV's prologue, or the elementwise kernel at 12 rows)."""
-    require_kernel(op, device)
+    reference norm (the GEMV's prologue, or the elementwise kernel at 12 rows); [I | I] makes gate and up that
+    row, and the epilogue's output its SiLU-and-multiply."""
+    require_kernel(op_name(op), device)
     gen = generator(seed_of("fused_linear_prologue", op, rows, K, dtype))
     eye = torch.eye(K, dtype=dtype, device=device)
+    if op.endswith("+silu"):
+        eye = torch.cat([eye, eye])
     args = make_inputs(op, rows, K, K, dtype, device, gen, bias=False, weight=eye)
-    got = getattr(ops, op)(*args)
+    got = call(ops, op, args)
     got = got[0] if isinstance(got, tuple) else got
-    assert_matches_reference(got, prologue(op, args))
+    want = prologue(op, args)
+    if op.endswith("+silu"):
+        want = reference.silu_mul(torch.cat([want, want], dim=-1))
+    assert_matches_reference(got, want)
 
 
 def small_inputs(op: str, device, seed: int = 0, rows=(3,)):
@@ -113,17 +130,18 @@ def small_inputs(op: str, device, seed: int = 0, rows=(3,)):
 @pytest.mark.parametrize("rows", [(3,), (2, 12)], ids=["gemv", "gemm"])
 @pytest.mark.parametrize("op", OPS)
 def test_opcheck(device, op, rows):
-    require_kernel(op, device)
-    torch.library.opcheck(getattr(torch.ops.hydra_fast, op).default, small_inputs(op, device, rows=rows))
+    require_kernel(op_name(op), device)
+    args = small_inputs(op, device, rows=rows) + ([True] if op.endswith("+silu") else [])
+    torch.library.opcheck(getattr(torch.ops.hydra_fast, op_name(op)).default, args)
 
 
 def _all(impl, inputs):
-    return [getattr(impl, op)(*args) for op, args in zip(OPS, inputs)]
+    return [call(impl, op, args) for op, args in zip(OPS, inputs)]
 
 
 def test_compile_fullgraph(device):
     for op in OPS:
-        require_kernel(op, device)
+        require_kernel(op_name(op), device)
     inputs = [small_inputs(op, device) for op in OPS]
     torch._dynamo.reset()
     got = torch.compile(lambda *a: _all(ops, a), fullgraph=True)(*inputs)
@@ -136,8 +154,8 @@ def test_compile_fullgraph(device):
 @pytest.mark.parametrize("rows", [(3,), (2, 12)], ids=["gemv", "gemm"])
 @pytest.mark.parametrize("op", OPS)
 def test_cuda_graph(op, rows):
-    require_kernel(op, "cuda")
-    static_out, want, _, _ = replay_cuda_graph(getattr(ops, op), small_inputs(op, "cuda", 1, rows),
+    require_kernel(op_name(op), "cuda")
+    static_out, want, _, _ = replay_cuda_graph(lambda *a: call(ops, op, a), small_inputs(op, "cuda", 1, rows),
                                                small_inputs(op, "cuda", 2, rows))
     for g, w in zip(torch.utils._pytree.tree_leaves(static_out), torch.utils._pytree.tree_leaves(want)):
         assert torch.equal(g, w)
@@ -148,7 +166,7 @@ def test_cuda_graph(op, rows):
 
 def _bad():
     def base(op):
-        return small_inputs(op, "cpu")  # x [3, 64] ([3, 128] for silu), weight [40, 64], bias [40]
+        return small_inputs(op, "cpu")  # x [3, 64], weight [40, 64], bias [40]
 
     def swap(op, index, value):
         args = list(base(op))
@@ -157,7 +175,7 @@ def _bad():
 
     w = base("linear")[1]
     cases = []
-    for op in OPS:
+    for op in OPS[:3]:
         wi = len(base(op)) - 2  # the weight's position
         cases += [
             (op, "weight K", swap(op, wi, w[:, :32].contiguous()), r"weight.size\(1\) must be K"),
@@ -170,7 +188,8 @@ def _bad():
             (op, "x dtype", swap(op, 0, base(op)[0].double()), r"x must be bfloat16, float16 or float32"),
         ]
     cases += [
-        ("silu_mul_linear", "odd width", swap("silu_mul_linear", 0, torch.zeros(3, 127)), r"last dim must be even"),
+        ("add_rms_norm_linear", "silu_mul odd rows", swap("add_rms_norm_linear", 4, w[:39])[:5] + [None, True],
+         r"with silu_mul=True weight is gate \| up \[2I, K\]: its row count must be even"),
         ("rms_norm_linear", "norm size", swap("rms_norm_linear", 1, torch.zeros(8)), r"weight.size\(0\) must be d"),
         ("add_rms_norm_linear", "residual shape", swap("add_rms_norm_linear", 1, torch.zeros(2, 64)),
          r"residual must have x's shape"),

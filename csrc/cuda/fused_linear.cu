@@ -1,6 +1,6 @@
-// CUDA glue of linear, rms_norm_linear, add_rms_norm_linear and silu_mul_linear: checks, then the GEMV kernel
+// CUDA glue of linear, rms_norm_linear and add_rms_norm_linear: checks, then the GEMV kernel
 // (kernels/fused_linear.cuh) for up to kFlMaxRows rows whose inputs fit in shared memory and are 16-byte aligned,
-// else the composed two steps (fused_linear.h: the elementwise kernel, then cuBLAS), which is also what a tree of
+// else the composed steps (fused_linear.h: the elementwise kernel, then cuBLAS), which is also what a tree of
 // many nodes runs: at 16+ rows the GEMV would read the weight once but leave the tensor cores idle.
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -31,6 +31,7 @@ struct Inputs {
   const at::Tensor& weight;
   const std::optional<at::Tensor>& bias;
   int64_t K;  // the product's input width
+  bool silu_mul = false;  // the SiLU-and-multiply epilogue (weight: gate | up)
 };
 
 // Whether the GEMV kernel takes these inputs.
@@ -47,7 +48,7 @@ bool gemv_fits(const Inputs& in) {
          cuda_glue::ptr_aligned(in.weight.const_data_ptr(), 16) && (N <= 1 || in.weight.stride(0) % elems == 0);
 }
 
-// out [..., N] (and, for kAddRms, sum [..., K]) by the GEMV kernel.
+// out [..., N] ([..., N / 2] with the SiLU epilogue; and, for kAddRms, sum [..., K]) by the GEMV kernel.
 template <Prologue P>
 void launch(const char* op, const Inputs& in, at::Tensor& out, at::Tensor* sum) {
   const c10::cuda::CUDAGuard guard(in.x.device());
@@ -70,8 +71,12 @@ void launch(const char* op, const Inputs& in, at::Tensor& out, at::Tensor* sum) 
   const int sms = cuda_glue::sm_count(in.x.get_device());
   const cudaError_t err = HF_DTYPE_SWITCH(in.x.scalar_type(), T, [&] {
     return HF_POW2_UPTO8_SWITCH(p.M, kRows, [&] {
-      return HF_BOOL_SWITCH(in.bias.has_value(), kBias,
-                            [&] { return kernels::launch_fused_linear<T, P, kRows, kBias>(p, sms, stream); });
+      return HF_BOOL_SWITCH(in.bias.has_value(), kBias, [&] {
+        if constexpr (P == Prologue::kAddRms) {  // the only op with the epilogue
+          if (in.silu_mul) return kernels::launch_fused_linear<T, P, kRows, kBias, true>(p, sms, stream);
+        }
+        return kernels::launch_fused_linear<T, P, kRows, kBias, false>(p, sms, stream);
+      });
     });
   });
   TORCH_CHECK(err == cudaSuccess, "hydra_fast.", op, ": CUDA launch failed: ", cudaGetErrorString(err));
@@ -108,32 +113,19 @@ at::Tensor rms_norm_linear_cuda(const at::Tensor& x, const at::Tensor& norm_weig
 std::tuple<at::Tensor, at::Tensor> add_rms_norm_linear_cuda(const at::Tensor& x, const at::Tensor& residual,
                                                             const at::Tensor& norm_weight, double eps,
                                                             const at::Tensor& weight,
-                                                            const std::optional<at::Tensor>& bias) {
+                                                            const std::optional<at::Tensor>& bias, bool silu_mul) {
   const char* op = "add_rms_norm_linear";
   const AddRmsNormLayout l = check_add_rms_norm(x, residual, norm_weight, eps, op);
   check_linear_weight(op, x, x.size(-1), "K from x's last dim", weight, bias);
+  if (silu_mul) check_silu_mul_rows(op, weight);
   TORCH_CHECK(x.is_cuda(), "hydra_fast.", op, ": x must be a CUDA tensor");
-  const Inputs in{x, l.x, &residual, l.residual, &norm_weight, eps, weight, bias, x.size(-1)};
-  if (!gemv_fits(in)) {
-    auto [h, sum] = composed::add_rms_norm(x, residual, norm_weight, eps);
-    return {composed::project(h, weight, bias), sum};
-  }
-  at::Tensor out = at::empty(with_last(x, weight.size(0)), x.options());  // [..., N]
-  at::Tensor sum = at::empty(x.sizes(), x.options());                     // [..., K]
+  const Inputs in{x, l.x, &residual, l.residual, &norm_weight, eps, weight, bias, x.size(-1), silu_mul};
+  if (!gemv_fits(in)) return composed::add_rms_norm_linear(x, residual, norm_weight, eps, weight, bias, silu_mul);
+  const int64_t n_out = silu_mul ? weight.size(0) / 2 : weight.size(0);
+  at::Tensor out = at::empty(with_last(x, n_out), x.options());  // [..., N] or [..., N / 2]
+  at::Tensor sum = at::empty(x.sizes(), x.options());           // [..., K]
   launch<Prologue::kAddRms>(op, in, out, &sum);
   return {out, sum};
-}
-
-at::Tensor silu_mul_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
-  const char* op = "silu_mul_linear";
-  const RowLayout xl = check_silu_mul(x, op);
-  check_linear_weight(op, x, x.size(-1) / 2, "K, half of x's last dim (gate | up)", weight, bias);
-  TORCH_CHECK(x.is_cuda(), "hydra_fast.", op, ": x must be a CUDA tensor");
-  const Inputs in{x, xl, nullptr, {}, nullptr, 0.0, weight, bias, x.size(-1) / 2};
-  if (!gemv_fits(in)) return composed::project(composed::silu_mul(x), weight, bias);
-  at::Tensor out = at::empty(with_last(x, weight.size(0)), x.options());  // [..., N]
-  launch<Prologue::kSiluMul>(op, in, out, nullptr);
-  return out;
 }
 
 }  // namespace
@@ -142,7 +134,6 @@ TORCH_LIBRARY_IMPL(hydra_fast, CUDA, m) {
   m.impl("linear", &linear_cuda);
   m.impl("rms_norm_linear", &rms_norm_linear_cuda);
   m.impl("add_rms_norm_linear", &add_rms_norm_linear_cuda);
-  m.impl("silu_mul_linear", &silu_mul_linear_cuda);
 }
 
 }  // namespace hydra_fast

@@ -4,11 +4,11 @@ Per layer, instead of the ~50 small kernels of the HF modules (norms in fp32 wit
 in pieces, a cache scatter, two residual adds, SiLU and a multiply):
 
     [add_rms_norm + q|k|v]  ->  rope_kv_write  ->  tree_attention  ->  [o_proj]
-    ->  [add_rms_norm + gate|up]  ->  [silu_mul + down]
+    ->  [add_rms_norm + gate|up + silu_mul]  ->  [down_proj]
 
-where each bracket is one op (``ops.add_rms_norm_linear``, ``linear``, ``silu_mul_linear``): on CUDA, for the
-few rows of a plain or small-batch step, one GEMV kernel whose prologue is the elementwise step; for a draft
-tree's many rows, the elementwise kernel and a cuBLAS GEMM.
+where each bracket is one op (``ops.add_rms_norm_linear``, ``linear``): on CUDA, for the few rows of a plain or
+small-batch step, one GEMV kernel whose prologue is the norm and whose epilogue is SiLU-and-multiply; for a draft
+tree's many rows, the elementwise kernels and a cuBLAS GEMM.
 
 The projections read fused weights: at build time the q, k and v (and gate and up) weights of each layer are
 copied once into one buffer and the HF modules' parameters become views of it, so the model's memory does not
@@ -162,7 +162,7 @@ class FusedLayer:
         and the residual stream before it [B, N, d] -> (this layer's MLP output, the residual stream before it).
 
         Four kernels besides RoPE and attention: each RMSNorm (with the residual add before it) is the prologue of
-        the projection after it, and SiLU-and-multiply the prologue of down_proj (``ops.rms_norm_linear``, ...)."""
+        the projection after it, and SiLU-and-multiply the epilogue of gate|up (``ops.add_rms_norm_linear``)."""
         norm = self.input_norm
         if pending is None:
             qkv = impl.rms_norm_linear(residual, norm.weight, float(norm.variance_epsilon), self.qkv_weight,
@@ -172,10 +172,10 @@ class FusedLayer:
                                                      self.qkv_weight, self.qkv_bias)
         attn = self.attention(qkv, cos, sin, cache, layer, mask, impl)
         norm = self.post_norm
-        gate_up, residual = impl.add_rms_norm_linear(attn, residual, norm.weight, float(norm.variance_epsilon),
-                                                     self.gate_up_weight, self.gate_up_bias)
+        act, residual = impl.add_rms_norm_linear(attn, residual, norm.weight, float(norm.variance_epsilon),
+                                                 self.gate_up_weight, self.gate_up_bias, silu_mul=True)
         down = self.down_proj
-        return impl.silu_mul_linear(gate_up, down.weight, down.bias), residual
+        return impl.linear(act, down.weight, down.bias), residual
 
     def forward(self, hidden, cos, sin, cache, layer: int, mask, impl) -> torch.Tensor:
         """A whole layer, as the HF module: hidden [B, N, d] -> hidden [B, N, d] (used for one-layer stacks)."""

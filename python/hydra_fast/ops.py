@@ -197,15 +197,12 @@ def rms_norm_linear(x, norm_weight, eps: float, weight, bias=None) -> torch.Tens
     return _require().rms_norm_linear(x, norm_weight, eps, weight, bias)
 
 
-def add_rms_norm_linear(x, residual, norm_weight, eps: float, weight, bias=None) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms_norm_linear(x, residual, norm_weight, eps: float, weight, bias=None,
+                        silu_mul: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """add_rms_norm then linear: x, residual [..., K] -> (linear(rms_norm(x + residual)) [..., N], x + residual
-    [..., K], the new residual stream). One kernel on CUDA for a few rows (as ``linear``)."""
-    return _require().add_rms_norm_linear(x, residual, norm_weight, eps, weight, bias)
-
-
-def silu_mul_linear(x, weight, bias=None) -> torch.Tensor:
-    """linear(silu_mul(x), weight, bias): x [..., 2K] (gate | up) -> [..., N]. One kernel on CUDA for a few rows."""
-    return _require().silu_mul_linear(x, weight, bias)
+    [..., K], the new residual stream). ``silu_mul``: weight is the MLP's gate | up [2I, K] and the first output is
+    silu_mul of the product [..., I]. One kernel on CUDA for a few rows (as ``linear``)."""
+    return _require().add_rms_norm_linear(x, residual, norm_weight, eps, weight, bias, silu_mul)
 
 
 def dynamic_tree_layout(score, parent, candidate_depth, nodes: int, context_len: int, max_depth: int):
@@ -238,7 +235,6 @@ class _Kernels:
     linear = staticmethod(linear)
     rms_norm_linear = staticmethod(rms_norm_linear)
     add_rms_norm_linear = staticmethod(add_rms_norm_linear)
-    silu_mul_linear = staticmethod(silu_mul_linear)
 
 
 # Every op this package calls (``_Kernels``): an extension built from older sources lacks some, and is then not used.
@@ -328,12 +324,9 @@ def _register_fakes() -> None:
         return _projected(x, weight)
 
     @torch.library.register_fake(lib + "add_rms_norm_linear")
-    def _(x, residual, norm_weight, eps, weight, bias):
-        return _projected(x, weight), x.new_empty(x.shape)
-
-    @torch.library.register_fake(lib + "silu_mul_linear")
-    def _(x, weight, bias):
-        return _projected(x, weight)
+    def _(x, residual, norm_weight, eps, weight, bias, silu_mul=False):
+        width = weight.shape[0] // 2 if silu_mul else weight.shape[0]
+        return x.new_empty((*x.shape[:-1], width)), x.new_empty(x.shape)
 
     @torch.library.register_fake(lib + "dynamic_tree_layout")
     def _(score, parent, candidate_depth, nodes, context_len, max_depth):

@@ -236,15 +236,16 @@ def rms_norm_linear(x, norm_weight, eps: float, weight, bias) -> torch.Tensor:
     return F.linear(rms_norm(x, norm_weight, eps), weight, bias)
 
 
-def add_rms_norm_linear(x, residual, norm_weight, eps: float, weight, bias) -> tuple[torch.Tensor, torch.Tensor]:
-    """(linear(rms_norm(x + residual), weight, bias) [..., N], x + residual [..., K]): add_rms_norm, projected."""
+def add_rms_norm_linear(x, residual, norm_weight, eps: float, weight, bias,
+                        silu_mul: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(linear(rms_norm(x + residual), weight, bias) [..., N], x + residual [..., K]): add_rms_norm, projected.
+    ``silu_mul``: weight is gate | up [2I, K] and the first output is silu_mul of the product [..., I]."""
     normed, h = add_rms_norm(x, residual, norm_weight, eps)
-    return F.linear(normed, weight, bias), h
-
-
-def silu_mul_linear(x, weight, bias) -> torch.Tensor:
-    """linear(silu_mul(x [..., 2K]), weight [N, K], bias [N] or None) -> [..., N]."""
-    return F.linear(silu_mul(x), weight, bias)
+    out = F.linear(normed, weight, bias)
+    if silu_mul:  # the module-level silu_mul, which the flag's name hides here
+        gate, up = out.chunk(2, dim=-1)
+        out = F.silu(gate) * up
+    return out, h
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
