@@ -10,6 +10,7 @@ from hydra_fast.engine import SpeculativeEngine
 from hydra_fast.fastpath import FusedDecoder
 from hydra_fast.heads import DraftHeads
 from hydra_fast.model import HydraModel
+from hydra_fast.rope_table import RopeTable
 from hydra_fast.tree import Tree
 
 from conftest import DEVICES
@@ -93,6 +94,7 @@ def test_fast_and_hf_paths_give_hf_greedy_tokens(family, kind):
         model = HydraModel(base, heads, max_cache_len=192, fast=fast)
         out = model.generate(ids, max_new_tokens=40)
         assert (model._fused is not None) == fast, model.fast_path_reason
+        assert isinstance(model._engine.rope, RopeTable) == fast  # the fast path gathers cos/sin from a table
         assert torch.equal(out, ref), f"fast={fast}"
 
 

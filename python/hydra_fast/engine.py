@@ -20,6 +20,7 @@ from hydra_fast.compat import cache_kwarg
 from hydra_fast.dynamic_tree import DynamicTree, StepTree
 from hydra_fast.fastpath import FusedDecoder, FusedLayer, NotFusable
 from hydra_fast.matmul import lm_head_logits
+from hydra_fast.rope_table import rotary_positions
 from hydra_fast.sampling import filter_logits, inverse_cdf, target_probs, top_p_filter  # noqa: F401
 from hydra_fast.tree import Tree
 
@@ -61,7 +62,8 @@ class SpeculativeEngine:
                  sampling: SamplingConfig = SamplingConfig(), use_kernels: bool = True,
                  fused: FusedDecoder | None = None):
         """``fused``: the base's layers as fused ops (``fastpath.FusedDecoder.build``); None runs the HF modules.
-        With it, the Hydra++ prefix layer runs fused too (from a copy of its weights made here)."""
+        With it, the Hydra++ prefix layer runs fused too (from a copy of its weights made here), and both take
+        cos and sin from a table of the rotary embedding over the cache's positions (``rope_table``)."""
         self.base = base
         self.heads = heads
         self.tree = tree
@@ -88,6 +90,9 @@ class SpeculativeEngine:
         self.batch_size, self.capacity = batch_size, capacity
         self.cache = TreeKVCache(cfg.num_hidden_layers, batch_size, kv_heads, head_dim, capacity, dtype, device)
         self.fused = fused
+        # (hidden, position_ids) -> (cos, sin): the table built here, outside any capture, or the rotary module
+        self.rope = (rotary_positions(self.backbone.rotary_emb, capacity, self.embed_weight.dtype, device)
+                     if fused is not None else self.backbone.rotary_emb)
         self.fused_prefix = None
         self.prefix_cache = None
         if heads is not None and heads.prefix_layer is not None:
@@ -132,7 +137,7 @@ class SpeculativeEngine:
     def _forward(self, input_ids, position_ids, mask) -> torch.Tensor:
         """Backbone over N new tokens per sequence written after ``lens``. -> last hidden [B, N, d]."""
         if self.fused is not None:
-            return self.fused.forward(input_ids, position_ids, self.cache, mask, self.impl)
+            return self.fused.forward(input_ids, position_ids, self.cache, mask, self.impl, self.rope)
         ctx = TreeAttention(self.cache.lens, mask, self.impl)
         with use_tree_attention(self.base):
             out = self.backbone(input_ids=input_ids, position_ids=position_ids, use_cache=True,
@@ -142,7 +147,7 @@ class SpeculativeEngine:
     def _prefix(self, hidden, position_ids) -> torch.Tensor:
         """Hydra++ prefix layer over base hidden states [B, T, d] (causal, own KV cache) -> [B, T, d]."""
         T = hidden.shape[1]
-        pos_emb = self.backbone.rotary_emb(hidden, position_ids)
+        pos_emb = self.rope(hidden, position_ids)
         if self.fused_prefix is not None:
             return self.fused_prefix.forward(hidden, *pos_emb, self.prefix_cache, 0, self._causal(T), self.impl)
         ctx = TreeAttention(self.cache.lens, self._causal(T), self.impl)

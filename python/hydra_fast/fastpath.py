@@ -12,10 +12,11 @@ tree's many rows, the elementwise kernels and a cuBLAS GEMM.
 
 The projections read fused weights: at build time the q, k and v (and gate and up) weights of each layer are
 copied once into one buffer and the HF modules' parameters become views of it, so the model's memory does not
-grow and the HF modules keep working on the same numbers. Everything else (embedding, rotary tables, final norm,
-LM head) is the HF model's own modules. The ops follow HF's rounding order (``reference.py``), so in fp32 the fast
-forward matches the HF forward; the HF-module forward stays the specification and the fallback: a model whose
-layers are not recognised exactly (``FusedDecoder.build`` returns None with the reason) runs through it.
+grow and the HF modules keep working on the same numbers. Everything else (embedding, final norm, LM head) is the
+HF model's own modules; cos and sin come from its rotary module or from a table of that module's output
+(``rope_table.py``). The ops follow HF's rounding order (``reference.py``), so in fp32 the fast forward matches
+the HF forward; the HF-module forward stays the specification and the fallback: a model whose layers are not
+recognised exactly (``FusedDecoder.build`` returns None with the reason) runs through it.
 """
 from __future__ import annotations
 
@@ -229,12 +230,14 @@ class FusedDecoder:
     def is_current(self) -> bool:
         return all(layer.is_current() for layer in self.layers)
 
-    def forward(self, input_ids, position_ids, cache, mask, impl) -> torch.Tensor:
+    def forward(self, input_ids, position_ids, cache, mask, impl, rope=None) -> torch.Tensor:
         """input_ids / position_ids int64 [B, N] written at slots [lens, lens + N) of ``cache`` (a TreeKVCache),
-        mask bool [N, N] (or [B, N, N], one per sequence) over the new tokens. -> the final normed hidden states
-        [B, N, d]."""
+        mask bool [N, N] (or [B, N, N], one per sequence) over the new tokens. ``rope``: what gives (cos, sin)
+        for (hidden, position_ids), e.g. a ``rope_table.RopeTable``; None calls the model's rotary module.
+        -> the final normed hidden states [B, N, d]."""
         hidden = self.backbone.embed_tokens(input_ids)  # [B, N, d]
-        cos, sin = self.backbone.rotary_emb(hidden, position_ids)  # [B, N, D] each, in the model's dtype
+        rope = rope if rope is not None else self.backbone.rotary_emb
+        cos, sin = rope(hidden, position_ids)  # [B, N, D] each, in the model's dtype
         residual, pending = hidden, None
         for i, layer in enumerate(self.layers):
             pending, residual = layer.step(pending, residual, cos, sin, cache, i, mask, impl)
