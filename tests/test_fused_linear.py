@@ -118,8 +118,8 @@ def test_prologue_is_exact(device, dtype, op, rows, K):
     got = call(ops, op, args)
     got = got[0] if isinstance(got, tuple) else got
     want = prologue(op, args)
-    if op.endswith("+silu"):
-        want = reference.silu_mul(torch.cat([want, want], dim=-1))
+    if op.endswith("+silu"):  # on the CPU: CUDA's own expf is a 2-ulp approximation, the kernels' exp is exact
+        want = reference.silu_mul(torch.cat([want, want], dim=-1).cpu()).to(device)
     assert_matches_reference(got, want)
 
 

@@ -8,7 +8,7 @@
 // CTA recomputes the prologue for itself, which costs a few KB of L2 reads per CTA and saves a launch and a round
 // trip through global memory. Then each warp takes one weight row at a time (grid-stride over the N output
 // features; with the SiLU epilogue, the gate row n and the up row I + n together), streams it in 16-byte vectors
-// (kFlUnroll in flight per lane, the first ones requested before the prologue; not kept in L1), and reduces its
+// (kFlUnroll in flight per lane; not kept in L1), and reduces its
 // M fp32 dot products with shuffles; lane 0 adds the bias in fp32 and rounds once to T (then, with the epilogue,
 // T(silu(gate)) * up). The grid is one wave of resident 4-warp CTAs. The dot products are summed in a different
 // order than cuBLAS's GEMM, so results agree to fp32 rounding, not bit for bit.
@@ -128,6 +128,7 @@ template <typename T, Prologue P, int kRows, bool kBias, bool kSiluOut>
 __global__ void __launch_bounds__(kFlMaxThreads) fused_linear_kernel(const FusedLinearParams p) {
   constexpr int kVec = 16 / sizeof(T);
   constexpr int kR = kSiluOut ? 2 : 1;  // weight rows per warp item
+  constexpr int kU = kFlUnroll / kR;     // vectors in flight per lane and row: kFlUnroll in all
   using V = Vec<T, kVec>;
   extern __shared__ __align__(16) unsigned char fl_smem[];
   T* xs = reinterpret_cast<T*>(fl_smem);
@@ -135,25 +136,11 @@ __global__ void __launch_bounds__(kFlMaxThreads) fused_linear_kernel(const Fused
   const int lane = threadIdx.x % 32;
   const int cta_warps = blockDim.x / 32;
   const int warps = gridDim.x * cta_warps;
-  const int first = blockIdx.x * cta_warps + threadIdx.x / 32;
+  const int first = blockIdx.x * cta_warps + threadIdx.x / 32;  // this warp's first item
   const int items = kSiluOut ? p.N / 2 : p.N;
   const int64_t pair = static_cast<int64_t>(items) * p.w_stride;  // gate row n -> up row I + n
   const T* weight = static_cast<const T*>(p.weight);
 
-  // The first weight vectors of this warp's first item are requested before the prologue, so their latency
-  // overlaps it.
-  V early[kR][kFlUnroll];
-  if (first < items) {
-#pragma unroll
-    for (int r = 0; r < kR; ++r) {
-#pragma unroll
-      for (int u = 0; u < kFlUnroll; ++u) {
-        if (lane + 32 * u < nvec) {
-          early[r][u] = load_stream<T, kVec>(weight + first * p.w_stride + r * pair + (lane + 32 * u) * kVec);
-        }
-      }
-    }
-  }
   fused_linear_prologue<T, P>(p, xs);
 
   for (int n = first; n < items; n += warps) {
@@ -164,21 +151,17 @@ __global__ void __launch_bounds__(kFlMaxThreads) fused_linear_kernel(const Fused
 #pragma unroll
       for (int m = 0; m < kRows; ++m) acc[r][m] = 0.0f;
     }
-    for (int j0 = lane; j0 < nvec; j0 += 32 * kFlUnroll) {
-      V wv[kR][kFlUnroll];
+    for (int j0 = lane; j0 < nvec; j0 += 32 * kU) {
+      V wv[kR][kU];
 #pragma unroll
       for (int r = 0; r < kR; ++r) {
 #pragma unroll
-        for (int u = 0; u < kFlUnroll; ++u) {
-          if (n == first && j0 == lane) {
-            wv[r][u] = early[r][u];
-          } else if (j0 + 32 * u < nvec) {
-            wv[r][u] = load_stream<T, kVec>(w + r * pair + (j0 + 32 * u) * kVec);
-          }
+        for (int u = 0; u < kU; ++u) {
+          if (j0 + 32 * u < nvec) wv[r][u] = load_stream<T, kVec>(w + r * pair + (j0 + 32 * u) * kVec);
         }
       }
 #pragma unroll
-      for (int u = 0; u < kFlUnroll; ++u) {
+      for (int u = 0; u < kU; ++u) {
         const int j = j0 + 32 * u;
         if (j < nvec) {
 #pragma unroll
