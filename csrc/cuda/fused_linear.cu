@@ -34,10 +34,19 @@ struct Inputs {
   bool silu_mul = false;  // the SiLU-and-multiply epilogue (weight: gate | up)
 };
 
-// Whether the GEMV kernel takes these inputs.
+// Whether the GEMV kernel takes these inputs: the shapes it supports, and where it is the faster one. On the
+// H200 (bench/RESULTS.md) it streams a weight at ~90 % of copy bandwidth once each warp takes 3+ rows (Llama-8B's
+// gate|up), but at ~65 % when a wave of warps covers the rows once or twice (8B's q|k|v, o, down), where cuBLAS
+// reaches ~88 %; below a few MB every product is launch-bound and the GEMV's saved kernels win.
 bool gemv_fits(const Inputs& in) {
+  constexpr int64_t kSmallWeightBytes = 8 << 20;
+  constexpr int64_t kWarpsPerSm = 32;  // resident warps of the 4-warp CTAs at <= 64 registers
+  constexpr int64_t kRowsPerWarp = 3;
   const int64_t elems = 16 / in.x.element_size();
   const int64_t M = in.xl.rows, N = in.weight.size(0);
+  const int64_t items = in.silu_mul ? N / 2 : N;
+  const bool small = N * in.K * in.x.element_size() <= kSmallWeightBytes;
+  if (!small && items < kRowsPerWarp * kWarpsPerSm * cuda_glue::sm_count(in.x.get_device())) return false;
   return M >= 1 && M <= kernels::kFlMaxRows && in.K >= 1 && in.K % elems == 0 &&
          kernels::fused_linear_smem(static_cast<int>(M), static_cast<int>(in.K), in.x.element_size()) <=
              static_cast<size_t>(kernels::kFlMaxSmem) &&
