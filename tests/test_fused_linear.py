@@ -73,7 +73,8 @@ def prologue(op: str, args):
 # SmolLM2 (576, 1536) and Llama-8B (4096), a 17 MB weight of few rows (cuBLAS on CUDA), odd N, strided rows, and a
 # misaligned slice (the cuBLAS path on CUDA)
 CASES = [((1,), 64, 96, "contiguous"), ((1, 1), 576, 960, "contiguous"), ((1, 2), 576, 1539, "rows"),
-         ((3,), 1536, 576, "contiguous"), ((8,), 4096, 130, "contiguous"), ((1,), 4096, 2100, "contiguous"), ((9,), 576, 200, "contiguous"),
+         ((3,), 1536, 576, "contiguous"), ((8,), 4096, 130, "contiguous"), ((1,), 4096, 2100, "contiguous"),
+         ((9,), 576, 200, "contiguous"),
          ((2, 32), 576, 70, "contiguous"), ((2,), 576, 33, "slice"), ((1, 5), 4096, 7, "rows")]
 
 
