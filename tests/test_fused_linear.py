@@ -69,13 +69,14 @@ def prologue(op: str, args):
     return reference.add_rms_norm(*args[:4])[0]
 
 
-# (rows, K, N, layout): few rows (the CUDA GEMV: 1, 2, 3, 8 rows), more rows (the cuBLAS path: 9, 64), widths of
+# (rows, K, N, layout): few rows (the CUDA GEMV: 1, 2, 3, 8 rows; the CPU's few-rows kernel: 2 to 4, with K not a
+# multiple of its 8 lanes and odd N at the end), more rows (the cuBLAS path: 9, 64), widths of
 # SmolLM2 (576, 1536) and Llama-8B (4096), a 17 MB weight of few rows (cuBLAS on CUDA), odd N, strided rows, and a
 # misaligned slice (the cuBLAS path on CUDA)
 CASES = [((1,), 64, 96, "contiguous"), ((1, 1), 576, 960, "contiguous"), ((1, 2), 576, 1539, "rows"),
          ((3,), 1536, 576, "contiguous"), ((8,), 4096, 130, "contiguous"), ((1,), 4096, 2100, "contiguous"),
-         ((9,), 576, 200, "contiguous"),
-         ((2, 32), 576, 70, "contiguous"), ((2,), 576, 33, "slice"), ((1, 5), 4096, 7, "rows")]
+         ((9,), 576, 200, "contiguous"), ((2, 32), 576, 70, "contiguous"), ((2,), 576, 33, "slice"),
+         ((1, 5), 4096, 7, "rows"), ((4,), 75, 34, "contiguous"), ((1, 2), 83, 9, "rows")]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
