@@ -36,8 +36,7 @@ struct FusedLinearParams {
 };
 
 constexpr int kFlThreads = 128;  // 4 warps: many small CTAs keep more weight bytes in flight per SM than few big ones
-constexpr int kFlMaxThreads = kFlThreads;
-constexpr int kFlMaxWarps = kFlMaxThreads / 32;
+constexpr int kFlWarps = kFlThreads / 32;
 constexpr int kFlMaxRows = 8;
 constexpr int kFlUnroll = 4;
 constexpr int kFlMaxSmem = 48 * 1024;  // the M x K input rows in T (no opt-in to larger shared memory needed)
@@ -63,7 +62,7 @@ __device__ __forceinline__ void fused_linear_prologue(const FusedLinearParams& p
   using V = Vec<T, kVec>;
   const int nvec = p.K / kVec;
   const int step = blockDim.x;
-  __shared__ float warp_sums[kFlMaxWarps];
+  __shared__ float warp_sums[kFlWarps];
   for (int m = 0; m < p.M; ++m) {
     const T* x = static_cast<const T*>(p.x) + m * p.x_stride;
     T* row = xs + m * p.K;
@@ -125,7 +124,7 @@ __device__ __forceinline__ void fused_linear_prologue(const FusedLinearParams& p
 // kSiluOut: the weight is gate | up [2I, K] and each warp takes rows n and I + n together, so the output is
 // T(silu(T(gate))) * T(up) [M, I] (silu_mul of the product, reference rounding) instead of the product [M, 2I].
 template <typename T, Prologue P, int kRows, bool kBias, bool kSiluOut>
-__global__ void __launch_bounds__(kFlMaxThreads) fused_linear_kernel(const FusedLinearParams p) {
+__global__ void __launch_bounds__(kFlThreads) fused_linear_kernel(const FusedLinearParams p) {
   constexpr int kVec = 16 / sizeof(T);
   constexpr int kR = kSiluOut ? 2 : 1;  // weight rows per warp item
   constexpr int kU = kFlUnroll / kR;     // vectors in flight per lane and row: kFlUnroll in all
