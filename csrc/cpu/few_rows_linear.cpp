@@ -93,6 +93,9 @@ bool has_avx2() {
 #endif
 
 void run(const Args& a) {
+#ifdef HF_X86
+  const bool avx2 = has_avx2();
+#endif
   // Tasks of 64 weight rows: enough work per task, and N / 64 tasks to spread over the threads.
   at::parallel_for(0, (a.N + 1) / 2, 32, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
@@ -100,7 +103,7 @@ void run(const Args& a) {
       for (int64_t m0 = 0; m0 < a.M; m0 += 4) {
         const int64_t mm = std::min<int64_t>(4, a.M - m0);
 #ifdef HF_X86
-        if (has_avx2()) {
+        if (avx2) {
           nn == 2 ? block_avx2_rows<2>(a, n0, m0, mm) : block_avx2_rows<1>(a, n0, m0, mm);
           continue;
         }
