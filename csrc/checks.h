@@ -312,15 +312,15 @@ inline RowLayout check_silu_mul(const at::Tensor& x, const char* op = "silu_mul"
 
 // ---- the fused linear ops (linear, rms_norm_linear, add_rms_norm_linear) -------------------------------------------
 
-// The product's weight [N, K] (last dim contiguous) and bias [N] (or absent), on x's device and of x's dtype; K is
-// the width of the product's input (`k_from` says where it comes from).
-inline void check_linear_weight(const char* op, const at::Tensor& x, int64_t K, const char* k_from,
-                                const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+// The product's weight [N, K] (K from x's last dim, last dim contiguous) and bias [N] (or absent), on x's device
+// and of x's dtype.
+inline void check_linear_weight(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& bias) {
   namespace c = checks_detail;
   c::same_device(op, "weight", weight, "x", x);
   c::dims(op, "weight", weight, 2, "[N, K]");
   c::same_dtype(op, "weight", weight, "x", x);
-  c::size(op, "weight", weight, 1, K, k_from);
+  c::size(op, "weight", weight, 1, x.size(-1), "K from x's last dim");
   c::last_dim_contiguous(op, "weight", weight);
   if (bias) {
     c::same_device(op, "bias", *bias, "x", x);
@@ -332,20 +332,36 @@ inline void check_linear_weight(const char* op, const at::Tensor& x, int64_t K, 
 }
 
 // x [..., K] (float dtype, last dim contiguous, rows as row_layout), weight [N, K], bias [N] or absent.
-// silu_mul: the weight is gate | up, so its row count must be even.
-inline void check_silu_mul_rows(const char* op, const at::Tensor& weight) {
-  TORCH_CHECK(weight.size(0) % 2 == 0, "hydra_fast.", op, ": with silu_mul=True weight is gate | up [2I, K]: its ",
-              "row count must be even, got ", weight.size(0));
-}
-
 inline RowLayout check_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   namespace c = checks_detail;
   const char* op = "linear";
   TORCH_CHECK(x.dim() >= 1, "hydra_fast.", op, ": x must have at least 1 dim [..., K], got a 0-dim tensor");
   c::float_dtype(op, "x", x);
   c::last_dim_contiguous(op, "x", x);
-  check_linear_weight(op, x, x.size(-1), "K from x's last dim", weight, bias);
+  check_linear_weight(op, x, weight, bias);
   return row_layout(op, "x", x);
+}
+
+// rms_norm_linear: x [..., K] and norm_weight [K] as rms_norm, weight [N, K], bias [N] or absent.
+inline RowLayout check_rms_norm_linear(const at::Tensor& x, const at::Tensor& norm_weight, double eps,
+                                       const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  const char* op = "rms_norm_linear";
+  const RowLayout l = check_rms_norm(op, x, norm_weight, eps);
+  check_linear_weight(op, x, weight, bias);
+  return l;
+}
+
+// add_rms_norm_linear: x, residual [..., K] and norm_weight [K] as add_rms_norm, weight [N, K] (with silu_mul the
+// MLP's gate | up, so an even row count), bias [N] or absent.
+inline AddRmsNormLayout check_add_rms_norm_linear(const at::Tensor& x, const at::Tensor& residual,
+                                                  const at::Tensor& norm_weight, double eps, const at::Tensor& weight,
+                                                  const std::optional<at::Tensor>& bias, bool silu_mul) {
+  const char* op = "add_rms_norm_linear";
+  const AddRmsNormLayout l = check_add_rms_norm(x, residual, norm_weight, eps, op);
+  check_linear_weight(op, x, weight, bias);
+  TORCH_CHECK(!silu_mul || weight.size(0) % 2 == 0, "hydra_fast.", op, ": with silu_mul=True weight is gate | up ",
+              "[2I, K]: its row count must be even, got ", weight.size(0));
+  return l;
 }
 
 // qkv [B, N, (Hq + 2 Hkv) D], cos/sin [B, N, D], k_cache/v_cache [L, B, Hkv, S, D], cache_lens int32 [B],

@@ -7,7 +7,6 @@
 
 #include <optional>
 #include <tuple>
-#include <vector>
 
 #include "checks.h"
 #include "fused_linear.h"
@@ -30,7 +29,6 @@ struct Inputs {
   double eps;
   const at::Tensor& weight;
   const std::optional<at::Tensor>& bias;
-  int64_t K;  // the product's input width
   bool silu_mul = false;  // the SiLU-and-multiply epilogue (weight: gate | up)
 };
 
@@ -43,12 +41,12 @@ bool gemv_fits(const Inputs& in) {
   constexpr int64_t kWarpsPerSm = 32;  // resident warps of the 4-warp CTAs at <= 64 registers
   constexpr int64_t kRowsPerWarp = 3;
   const int64_t elems = 16 / in.x.element_size();
-  const int64_t M = in.xl.rows, N = in.weight.size(0);
+  const int64_t M = in.xl.rows, N = in.weight.size(0), K = in.weight.size(1);
   const int64_t items = in.silu_mul ? N / 2 : N;
-  const bool small = N * in.K * in.x.element_size() <= kSmallWeightBytes;
+  const bool small = N * K * in.x.element_size() <= kSmallWeightBytes;
   if (!small && items < kRowsPerWarp * kWarpsPerSm * cuda_glue::sm_count(in.x.get_device())) return false;
-  return M >= 1 && M <= kernels::kFlMaxRows && in.K >= 1 && in.K % elems == 0 &&
-         kernels::fused_linear_smem(static_cast<int>(M), static_cast<int>(in.K), in.x.element_size()) <=
+  return M >= 1 && M <= kernels::kFlMaxRows && K >= 1 && K % elems == 0 &&
+         kernels::fused_linear_smem(static_cast<int>(M), static_cast<int>(K), in.x.element_size()) <=
              static_cast<size_t>(kernels::kFlMaxSmem) &&
          N < (int64_t(1) << 31) && in.xl.row_stride < (int64_t(1) << 31) &&
          cuda_glue::rows_aligned(in.x, in.xl.rows, in.xl.row_stride, elems) &&
@@ -75,7 +73,7 @@ void launch(const char* op, const Inputs& in, at::Tensor& out, at::Tensor* sum) 
   p.sum = sum ? sum->mutable_data_ptr() : nullptr;
   p.M = static_cast<int>(in.xl.rows);
   p.N = static_cast<int>(in.weight.size(0));
-  p.K = static_cast<int>(in.K);
+  p.K = static_cast<int>(in.weight.size(1));
   p.eps = static_cast<float>(in.eps);
   const int sms = cuda_glue::sm_count(in.x.get_device());
   const cudaError_t err = HF_DTYPE_SWITCH(in.x.scalar_type(), T, [&] {
@@ -91,17 +89,11 @@ void launch(const char* op, const Inputs& in, at::Tensor& out, at::Tensor* sum) 
   TORCH_CHECK(err == cudaSuccess, "hydra_fast.", op, ": CUDA launch failed: ", cudaGetErrorString(err));
 }
 
-std::vector<int64_t> with_last(const at::Tensor& x, int64_t n) {
-  std::vector<int64_t> shape = x.sizes().vec();
-  shape.back() = n;
-  return shape;
-}
-
 at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
-  const Inputs in{x, check_linear(x, weight, bias), nullptr, {}, nullptr, 0.0, weight, bias, x.size(-1)};
+  const Inputs in{x, check_linear(x, weight, bias), nullptr, {}, nullptr, 0.0, weight, bias};
   TORCH_CHECK(x.is_cuda(), "hydra_fast.linear: x must be a CUDA tensor");
   if (!gemv_fits(in)) return composed::project(x, weight, bias);
-  at::Tensor out = at::empty(with_last(x, weight.size(0)), x.options());  // [..., N]
+  at::Tensor out = at::empty(composed::with_last(x, weight.size(0)), x.options());  // [..., N]
   launch<Prologue::kNone>("linear", in, out, nullptr);
   return out;
 }
@@ -109,12 +101,11 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& weight, const std:
 at::Tensor rms_norm_linear_cuda(const at::Tensor& x, const at::Tensor& norm_weight, double eps,
                                 const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   const char* op = "rms_norm_linear";
-  const RowLayout xl = check_rms_norm(op, x, norm_weight, eps);
-  check_linear_weight(op, x, x.size(-1), "K from x's last dim", weight, bias);
+  const RowLayout xl = check_rms_norm_linear(x, norm_weight, eps, weight, bias);
   TORCH_CHECK(x.is_cuda(), "hydra_fast.", op, ": x must be a CUDA tensor");
-  const Inputs in{x, xl, nullptr, {}, &norm_weight, eps, weight, bias, x.size(-1)};
-  if (!gemv_fits(in)) return composed::project(composed::rms_norm(x, norm_weight, eps), weight, bias);
-  at::Tensor out = at::empty(with_last(x, weight.size(0)), x.options());  // [..., N]
+  const Inputs in{x, xl, nullptr, {}, &norm_weight, eps, weight, bias};
+  if (!gemv_fits(in)) return composed::rms_norm_linear(x, norm_weight, eps, weight, bias);
+  at::Tensor out = at::empty(composed::with_last(x, weight.size(0)), x.options());  // [..., N]
   launch<Prologue::kRms>(op, in, out, nullptr);
   return out;
 }
@@ -124,15 +115,13 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm_linear_cuda(const at::Tensor& x,
                                                             const at::Tensor& weight,
                                                             const std::optional<at::Tensor>& bias, bool silu_mul) {
   const char* op = "add_rms_norm_linear";
-  const AddRmsNormLayout l = check_add_rms_norm(x, residual, norm_weight, eps, op);
-  check_linear_weight(op, x, x.size(-1), "K from x's last dim", weight, bias);
-  if (silu_mul) check_silu_mul_rows(op, weight);
+  const AddRmsNormLayout l = check_add_rms_norm_linear(x, residual, norm_weight, eps, weight, bias, silu_mul);
   TORCH_CHECK(x.is_cuda(), "hydra_fast.", op, ": x must be a CUDA tensor");
-  const Inputs in{x, l.x, &residual, l.residual, &norm_weight, eps, weight, bias, x.size(-1), silu_mul};
+  const Inputs in{x, l.x, &residual, l.residual, &norm_weight, eps, weight, bias, silu_mul};
   if (!gemv_fits(in)) return composed::add_rms_norm_linear(x, residual, norm_weight, eps, weight, bias, silu_mul);
   const int64_t n_out = silu_mul ? weight.size(0) / 2 : weight.size(0);
-  at::Tensor out = at::empty(with_last(x, n_out), x.options());  // [..., N] or [..., N / 2]
-  at::Tensor sum = at::empty(x.sizes(), x.options());           // [..., K]
+  at::Tensor out = at::empty(composed::with_last(x, n_out), x.options());  // [..., N] or [..., N / 2]
+  at::Tensor sum = at::empty(x.sizes(), x.options());                     // [..., K]
   launch<Prologue::kAddRms>(op, in, out, &sum);
   return {out, sum};
 }
