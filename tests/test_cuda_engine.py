@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -83,6 +85,23 @@ def test_heads_in_a_graph_match_hf_and_accept_exactly(family, kind, monkeypatch)
     assert torch.equal(out.sequences, hf_greedy(base, ids, n))
     assert out.accept_lengths == oracle.expected_accept_lengths(n, DEPTH) == [[4] * 10]
     assert graphs.captures == 2 and graphs.replays == 10 + 1  # the step's graph and the prefill's
+
+
+def test_programmatic_dependent_launch_changes_no_bit():
+    # The fused step's kernels launch with programmatic dependent launch on sm_90+ (HYDRA_FAST_PDL=0 turns it
+    # off): each waits for the kernel before it, so the tokens, the accept lengths and every cache value must be
+    # the same with and without it, in bf16 (tensor-core attention, split KV) and fp32.
+    runs = {}
+    for flag in ("0", "1"):
+        env = dict(os.environ, HYDRA_FAST_PDL=flag)
+        proc = subprocess.run([sys.executable, str(Path(__file__).with_name("pdl_probe.py"))], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[flag] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert runs["0"] == runs["1"]
+    for dtype, r in runs["1"].items():
+        assert r["fused"], dtype
+        assert max(r["accept"]) > 1, (dtype, r["accept"])  # drafts were accepted: the tree step ran
 
 
 @pytest.mark.parametrize("side", ["left", "right"])

@@ -28,13 +28,13 @@ bool all_aligned(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor&
 }
 
 template <typename T, int kVec>
-cudaError_t launch_per(const kernels::RopeKvParams& p, int per, cudaStream_t stream) {
+cudaError_t launch_per(const kernels::RopeKvParams& p, int per, cudaStream_t stream, bool pdl) {
   if constexpr (kVec > 1) {
-    return kernels::launch_rope_kv_write<T, kVec, 1>(p, stream);  // D <= 256: one vector per lane and half
+    return kernels::launch_rope_kv_write<T, kVec, 1>(p, stream, pdl);  // D <= 256: one vector per lane and half
   } else {
-    if (per <= 1) return kernels::launch_rope_kv_write<T, 1, 1>(p, stream);
-    if (per <= 2) return kernels::launch_rope_kv_write<T, 1, 2>(p, stream);
-    return kernels::launch_rope_kv_write<T, 1, 4>(p, stream);
+    if (per <= 1) return kernels::launch_rope_kv_write<T, 1, 1>(p, stream, pdl);
+    if (per <= 2) return kernels::launch_rope_kv_write<T, 1, 2>(p, stream, pdl);
+    return kernels::launch_rope_kv_write<T, 1, 4>(p, stream, pdl);
   }
 }
 
@@ -91,8 +91,9 @@ at::Tensor rope_kv_write_cuda(const at::Tensor& qkv, const at::Tensor& cos, cons
   p.group = kernels::rope_group(nvec);
   p.eps = static_cast<float>(eps);
   const int per = kernels::rope_per_lane(nvec, p.group);
+  const bool pdl = cuda_glue::pdl_enabled(qkv.get_device());
   const cudaError_t err = HF_DTYPE_SWITCH(qkv.scalar_type(), T, [&] {
-    return wide ? launch_per<T, 16 / sizeof(T)>(p, per, stream) : launch_per<T, 1>(p, per, stream);
+    return wide ? launch_per<T, 16 / sizeof(T)>(p, per, stream, pdl) : launch_per<T, 1>(p, per, stream, pdl);
   });
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
   return q;

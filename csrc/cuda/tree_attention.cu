@@ -25,9 +25,9 @@ int choose_chunks(int64_t base_ctas, int64_t S, int sms, int per_sm) {
 
 // The fast path's kernels for 16-bit types (float never takes it).
 template <typename T>
-cudaError_t launch_mma(const kernels::TreeAttnParams& p, cudaStream_t stream) {
+cudaError_t launch_mma(const kernels::TreeAttnParams& p, cudaStream_t stream, bool pdl) {
   if constexpr (sizeof(T) == 2) {
-    return HF_HEADDIM_SWITCH(p.D, kD, [&] { return kernels::launch_tree_attn_mma<T, kD>(p, stream); });
+    return HF_HEADDIM_SWITCH(p.D, kD, [&] { return kernels::launch_tree_attn_mma<T, kD>(p, stream, pdl); });
   } else {
     return cudaErrorInvalidValue;
   }
@@ -58,6 +58,7 @@ at::Tensor tree_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, c
   const c10::cuda::CUDAGuard guard(q.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int sms = cuda_glue::sm_count(q.get_device());
+  const bool pdl = cuda_glue::pdl_enabled(q.get_device());
 
   kernels::TreeAttnParams p{};
   p.q = q.const_data_ptr();
@@ -119,11 +120,11 @@ at::Tensor tree_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, c
 
   HF_DTYPE_SWITCH(q.scalar_type(), T, [&] {
     if (fast) {
-      err = launch_mma<T>(p, stream);
+      err = launch_mma<T>(p, stream, pdl);
     } else {
-      err = HF_POW2_UPTO8_SWITCH(dpl, kDPL, [&] { return kernels::launch_tree_attn_simt<T, kDPL>(p, stream); });
+      err = HF_POW2_UPTO8_SWITCH(dpl, kDPL, [&] { return kernels::launch_tree_attn_simt<T, kDPL>(p, stream, pdl); });
     }
-    if (err == cudaSuccess && p.num_chunks > 1) err = kernels::launch_tree_attn_combine<T>(p, stream);
+    if (err == cudaSuccess && p.num_chunks > 1) err = kernels::launch_tree_attn_combine<T>(p, stream, pdl);
   });
   TORCH_CHECK(err == cudaSuccess, "hydra_fast.tree_attention: CUDA launch failed: ", cudaGetErrorString(err));
   return out;

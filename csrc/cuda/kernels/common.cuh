@@ -7,7 +7,13 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <array>
+#include <atomic>
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <tuple>
+#include <utility>
 
 namespace hydra_fast::kernels {
 
@@ -98,6 +104,87 @@ __device__ __forceinline__ double warp_sum(double x) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
   return x;
+}
+
+// ---- programmatic dependent launch (sm_90+) -----------------------------------------------------------------
+// A kernel launched by launch_kernel(..., pdl = true) may be scheduled while the kernel before it on the stream is
+// still running, so that its launch and ramp-up overlap that kernel's tail. Such a kernel must call pdl_wait()
+// before it reads anything an earlier kernel wrote and before it writes anything at all (it returns once every
+// earlier kernel has finished and its writes are visible; at once when the launch had no programmatic dependency).
+// Before the wait it may only read data no kernel writes, or issue L2 prefetches (hints: never wrong). After the
+// wait, pdl_launch_dependents() lets the next such kernel be scheduled. Both are no-ops before sm_90.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+// Prefetch the 128-byte line holding p into L2 (a hint; safe before pdl_wait()).
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+
+// Whether the code the current device runs for `kernel` was compiled for sm_90+, where pdl_wait() is the real
+// wait: a build for older architectures only, run through PTX on a newer GPU, has no-op waits and must not launch
+// with the attribute. Every kernel of the extension is built for the same architectures, so the answer is kept per
+// device.
+inline bool code_has_pdl(const void* kernel) {
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) return false;
+  static std::array<std::atomic<int>, 64> cache{};  // 0 unknown, 1 no, 2 yes
+  int v = cache[device].load(std::memory_order_relaxed);
+  if (v == 0) {
+    cudaFuncAttributes a{};
+    v = cudaFuncGetAttributes(&a, kernel) == cudaSuccess && a.binaryVersion >= 90 ? 2 : 1;
+    cache[device].store(v, std::memory_order_relaxed);
+  }
+  return v == 2;
+}
+
+// Launch `kernel` on `stream`, with the programmatic-stream-serialization attribute when `pdl` and the kernel's
+// code has the real wait (the kernel then follows the pdl_wait() contract above); returns the launch error.
+template <typename... KernelArgs, typename... Args>
+cudaError_t launch_kernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                          bool pdl, Args&&... args) {
+  pdl = pdl && code_has_pdl(reinterpret_cast<const void*>(kernel));
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+}
+
+// Resident CTAs per SM of `kernel` at `threads` threads and `smem` bytes of dynamic shared memory on the current
+// device, queried once per (kernel, device, threads, smem) and then read from a table: the query is host work a
+// launch should not repeat.
+inline cudaError_t occupancy_per_sm(const void* kernel, int threads, size_t smem, int* per_sm) {
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  static std::mutex mutex;
+  static std::map<std::tuple<const void*, int, int, size_t>, int> table;
+  const auto key = std::make_tuple(kernel, device, threads, smem);
+  {
+    const std::lock_guard<std::mutex> lock(mutex);
+    const auto it = table.find(key);
+    if (it != table.end()) {
+      *per_sm = it->second;
+      return cudaSuccess;
+    }
+  }
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(per_sm, kernel, threads, smem);
+  if (err != cudaSuccess) return err;
+  const std::lock_guard<std::mutex> lock(mutex);
+  table.emplace(key, *per_sm);
+  return cudaSuccess;
 }
 
 // ---- global loads ------------------------------------------------------------------------------------------

@@ -140,6 +140,19 @@ __global__ void __launch_bounds__(kFlThreads) fused_linear_kernel(const FusedLin
   const int64_t pair = static_cast<int64_t>(items) * p.w_stride;  // gate row n -> up row I + n
   const T* weight = static_cast<const T*>(p.weight);
 
+  // Start pulling this warp's first weight row(s) into L2 while the kernel before finishes and the prologue runs
+  // (a prefetch is a hint, so it may come before the wait).
+  if (first < items) {
+    const char* w0 = reinterpret_cast<const char*>(weight + static_cast<int64_t>(first) * p.w_stride);
+    const int bytes = p.K * static_cast<int>(sizeof(T));
+#pragma unroll
+    for (int r = 0; r < kR; ++r) {
+      for (int off = lane * 128; off < bytes; off += 32 * 128) prefetch_l2(w0 + r * pair * sizeof(T) + off);
+    }
+  }
+  pdl_wait();  // x, the residual and the output buffers belong to the kernels before
+  pdl_launch_dependents();
+
   fused_linear_prologue<T, P>(p, xs);
 
   for (int n = first; n < items; n += warps) {
@@ -205,7 +218,7 @@ __global__ void __launch_bounds__(kFlThreads) fused_linear_kernel(const FusedLin
 inline size_t fused_linear_smem(int M, int K, size_t elem) { return static_cast<size_t>(M) * K * elem; }
 
 template <typename T, Prologue P, int kRows, bool kBias, bool kSiluOut>
-cudaError_t launch_fused_linear(const FusedLinearParams& p, int sms, cudaStream_t stream) {
+cudaError_t launch_fused_linear(const FusedLinearParams& p, int sms, cudaStream_t stream, bool pdl) {
   if (p.M == 0 || p.N == 0) return cudaSuccess;
   if (p.M > kRows || p.K % (16 / static_cast<int>(sizeof(T))) != 0 || (kSiluOut && p.N % 2 != 0)) {
     return cudaErrorInvalidValue;
@@ -214,13 +227,12 @@ cudaError_t launch_fused_linear(const FusedLinearParams& p, int sms, cudaStream_
   if (smem > static_cast<size_t>(kFlMaxSmem)) return cudaErrorInvalidConfiguration;
   const auto kernel = fused_linear_kernel<T, P, kRows, kBias, kSiluOut>;
   int per_sm = 0;  // resident CTAs per SM (registers, shared memory): the grid is at most one wave of them
-  const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kFlThreads, smem);
+  const cudaError_t err = occupancy_per_sm(reinterpret_cast<const void*>(kernel), kFlThreads, smem, &per_sm);
   if (err != cudaSuccess) return err;
   const int64_t items = kSiluOut ? p.N / 2 : p.N;
   const int64_t want = ceil_div64(items, kFlThreads / 32);
   const int ctas = static_cast<int>(std::min<int64_t>(want, static_cast<int64_t>(sms) * std::max(per_sm, 1)));
-  kernel<<<ctas, kFlThreads, smem, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(kernel, dim3(ctas), dim3(kFlThreads), smem, stream, pdl, p);
 }
 
 }  // namespace hydra_fast::kernels

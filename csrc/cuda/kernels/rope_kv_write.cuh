@@ -35,6 +35,8 @@ constexpr int kRopeMaxThreads = 512;
 
 template <typename T, int kVec, int kPer>
 __global__ void __launch_bounds__(kRopeMaxThreads) rope_kv_write_kernel(const RopeKvParams p) {
+  pdl_wait();  // the projections and the cache lengths come from the kernels before
+  pdl_launch_dependents();
   const int token = blockIdx.x;
   const int b = token / p.N, n = token % p.N;
   const int half = p.D / 2, nvec = half / kVec;  // vectors per half
@@ -142,14 +144,14 @@ inline int rope_group(int vectors_per_half) {
 inline int rope_per_lane(int vectors_per_half, int group) { return (vectors_per_half + group - 1) / group; }
 
 template <typename T, int kVec, int kPer>
-cudaError_t launch_rope_kv_write(const RopeKvParams& p, cudaStream_t stream) {
+cudaError_t launch_rope_kv_write(const RopeKvParams& p, cudaStream_t stream, bool pdl) {
   const int64_t tokens = static_cast<int64_t>(p.B) * p.N;
   if (tokens == 0) return cudaSuccess;
   if (tokens > 0x7fffffff) return cudaErrorInvalidConfiguration;
   const int64_t lanes = static_cast<int64_t>(p.Hq + 2 * p.Hkv) * p.group;
   const int threads = static_cast<int>(lanes >= kRopeMaxThreads ? kRopeMaxThreads : ((lanes + 31) / 32) * 32);
-  rope_kv_write_kernel<T, kVec, kPer><<<static_cast<unsigned>(tokens), threads, 0, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(rope_kv_write_kernel<T, kVec, kPer>, dim3(static_cast<unsigned>(tokens)), dim3(threads), 0,
+                       stream, pdl, p);
 }
 
 }  // namespace hydra_fast::kernels

@@ -104,6 +104,8 @@ __global__ void __launch_bounds__(128, kMinBlocks) tree_attn_mma_kernel(const Tr
   const int b = blockIdx.z;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, t = lane & 3;
+  pdl_wait();  // q, the cache and its lengths come from the kernels before
+  pdl_launch_dependents();
 
   const SeqRange sr = seq_range(p, b);
   const int clen = chunk_len(sr.kv_end, p.num_chunks);
@@ -314,6 +316,8 @@ inline size_t simt_smem_bytes(int D) {
 
 template <typename T, int kDPL>
 __global__ void __launch_bounds__(128) tree_attn_simt_kernel(const TreeAttnParams p) {
+  pdl_wait();
+  pdl_launch_dependents();
   constexpr int kRowsPerWarp = kSimtRows / 4;
   extern __shared__ float smem_f[];
   const int D = p.D;
@@ -457,6 +461,8 @@ constexpr int kMaxChunks = 256;
 
 template <typename T, bool kVec4>
 __global__ void __launch_bounds__(128) tree_attn_combine_kernel(const TreeAttnParams p) {
+  pdl_wait();  // the partial rows of the main kernel
+  pdl_launch_dependents();
   constexpr int kPerLane = kMaxChunks / 32;
   __shared__ float s_w[4][kMaxChunks];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -539,7 +545,7 @@ cudaError_t tree_attn_mma_per_sm(int* per_sm) {
   using K = MmaAttnKernel<T, D>;
   cudaError_t err = K::prepare();
   if (err != cudaSuccess) return err;
-  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(per_sm, K::kernel, K::Cfg::kThreads, K::Cfg::kSmemBytes);
+  return occupancy_per_sm(reinterpret_cast<const void*>(K::kernel), K::Cfg::kThreads, K::Cfg::kSmemBytes, per_sm);
 }
 
 template <typename T, int kDPL>
@@ -550,21 +556,20 @@ cudaError_t tree_attn_simt_per_sm(int* per_sm, int D) {
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (err != cudaSuccess) return err;
   }
-  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(per_sm, kernel, kSimtThreads, smem);
+  return occupancy_per_sm(reinterpret_cast<const void*>(kernel), kSimtThreads, smem, per_sm);
 }
 
 template <typename T, int D>
-cudaError_t launch_tree_attn_mma(const TreeAttnParams& p, cudaStream_t stream) {
+cudaError_t launch_tree_attn_mma(const TreeAttnParams& p, cudaStream_t stream, bool pdl) {
   using K = MmaAttnKernel<T, D>;
   cudaError_t err = K::prepare();
   if (err != cudaSuccess) return err;
   const dim3 grid(p.row_tiles * p.num_chunks, p.Hkv, p.B);
-  K::kernel<<<grid, K::Cfg::kThreads, K::Cfg::kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(K::kernel, grid, dim3(K::Cfg::kThreads), K::Cfg::kSmemBytes, stream, pdl, p);
 }
 
 template <typename T, int kDPL>
-cudaError_t launch_tree_attn_simt(const TreeAttnParams& p, cudaStream_t stream) {
+cudaError_t launch_tree_attn_simt(const TreeAttnParams& p, cudaStream_t stream, bool pdl) {
   auto kernel = tree_attn_simt_kernel<T, kDPL>;
   const size_t smem = simt_smem_bytes(p.D);
   cudaError_t err = cudaSuccess;
@@ -573,21 +578,16 @@ cudaError_t launch_tree_attn_simt(const TreeAttnParams& p, cudaStream_t stream) 
     if (err != cudaSuccess) return err;
   }
   const dim3 grid(p.row_tiles * p.num_chunks, p.Hkv, p.B);
-  kernel<<<grid, kSimtThreads, smem, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(kernel, grid, dim3(kSimtThreads), smem, stream, pdl, p);
 }
 
 template <typename T>
-cudaError_t launch_tree_attn_combine(const TreeAttnParams& p, cudaStream_t stream) {
+cudaError_t launch_tree_attn_combine(const TreeAttnParams& p, cudaStream_t stream, bool pdl) {
   const int64_t rows_total = static_cast<int64_t>(p.B) * p.N * p.Hq;
   const int64_t blocks = ceil_div64(rows_total, 4);
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  if (p.D % 4 == 0) {
-    tree_attn_combine_kernel<T, true><<<static_cast<unsigned>(blocks), 128, 0, stream>>>(p);
-  } else {
-    tree_attn_combine_kernel<T, false><<<static_cast<unsigned>(blocks), 128, 0, stream>>>(p);
-  }
-  return cudaGetLastError();
+  const auto kernel = p.D % 4 == 0 ? tree_attn_combine_kernel<T, true> : tree_attn_combine_kernel<T, false>;
+  return launch_kernel(kernel, dim3(static_cast<unsigned>(blocks)), dim3(128), 0, stream, pdl, p);
 }
 
 }  // namespace hydra_fast::kernels
