@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from hydra_fast import tree_search
 from hydra_fast.heads import DraftHeads
 from hydra_fast.model import HydraModel, resolve_tree
 from hydra_fast.tree import Tree
@@ -74,6 +75,32 @@ def test_calibrate_keeps_the_fastest_candidate_and_writes_a_tree_file(tmp_path):
     choice.save(path)
     assert load_tree(path) == choice.tree
     assert json.loads(path.read_text())["candidates"] == choice.candidates
+
+
+def test_calibrate_times_the_trees_with_their_context_chain(monkeypatch):
+    # the chain's rows are part of the step that will run: every candidate but the root-only one is timed with them
+    timed = []
+    real = tree_search.time_tree
+
+    def spy(model, tree, ids, **kw):
+        timed.append(Tree.from_choices(tree))
+        return real(model, tree, ids, **kw)
+
+    monkeypatch.setattr(tree_search, "time_tree", spy)
+    with oracle_model(wrong_after=99) as (model, ids):
+        choice = calibrate(model, [ids], budgets=(1, 2), depths=(1, 2), calibration_tree="mc_sim_7b_63",
+                           max_new_tokens=40, rounds=1, context_draft=3)
+    assert {t.context_len for t in timed if t.num_nodes > 1} == {3}
+    assert [t.num_nodes for t in timed if t.context_len == 0] == [1]  # the root-only tree: plain decoding
+    assert len(choice.candidates) == len(timed)
+    with pytest.raises(ValueError, match="context_draft"):
+        calibrate(model, [ids], context_draft=-1)
+
+
+def test_node_budgets_fill_row_counts():
+    # the budgets whose step has 8, 16, 32 or 64 rows (root + nodes + chain) join the default ones
+    assert tree_search.node_budgets(0) == (1, 2, 3, 4, 6, 7, 8, 12, 15, 16, 24, 31, 32, 48, 63)
+    assert tree_search.node_budgets(8) == (1, 2, 3, 4, 6, 7, 8, 12, 16, 23, 24, 32, 48, 55, 63)
 
 
 def test_calibrate_weighs_dynamic_trees_by_their_measured_tau(tmp_path):

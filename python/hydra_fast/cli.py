@@ -69,7 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--draft-vocab", type=int, default=None, metavar="N", help=DRAFT_VOCAB_HELP)
     c.add_argument("--context-draft", type=int, default=0, metavar="M",
                    help="record in the tree file a context chain of M tokens found in the prompt and the text so far, "
-                        "verified beside the heads' nodes (default 0: none); measure it with bench_decode --context-draft")
+                        "verified beside the heads' nodes, and time the candidate trees with its rows (default 0: "
+                        "none); measure it with bench_decode --context-draft")
     c.add_argument("--dynamic", default=None, metavar="SPECS",
                    help="also weigh dynamic trees, whose tokens per step are measured by decoding the prompts: "
                         "'default' (a built-in set of budgets) or comma-separated specs such as "
@@ -108,7 +109,7 @@ def _calibrate(args) -> int:
         for spec in dynamic:
             Tree.from_choices(spec)  # a bad spec fails here, before any measurement
     choice = calibrate(model, prompts, max_new_tokens=args.max_new_tokens, eos_token_ids=eos, progress=show,
-                       dynamic=dynamic)
+                       dynamic=dynamic, context_draft=args.context_draft)
     choice.context_draft = args.context_draft
     choice.save(args.out)
     name = choice.tree if isinstance(choice.tree, str) else f"{len(choice.tree)}-node tree"

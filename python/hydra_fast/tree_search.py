@@ -185,27 +185,46 @@ def time_tree(model, tree, ids: torch.Tensor, steps: int = 20, warmup: int = 3) 
     return statistics.median(times)
 
 
-def calibrate(model, prompts: list[torch.Tensor], budgets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 63),
-              depths=(1, 2, 3, 4, 5), calibration_tree=None, max_new_tokens: int = 96, eos_token_ids=(),
-              rounds: int = 2, progress=None, dynamic=()) -> TreeChoice:
+NODE_BUDGETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 63)
+
+
+def node_budgets(context_draft: int = 0) -> tuple[int, ...]:
+    """``NODE_BUDGETS`` plus the budgets whose step (root, nodes and a context chain of ``context_draft``) has
+    exactly 8, 16, 32 or 64 rows: a kernel's cost moves in steps of such row counts (the fused linear GEMV takes up
+    to 8 rows, or 32 of a small model), so a tree that just fits below one should be weighed."""
+    fill = (rows - 1 - context_draft for rows in (8, 16, 32, 64))
+    return tuple(sorted({b for b in (*NODE_BUDGETS, *fill) if 1 <= b <= NODE_BUDGETS[-1]}))
+
+
+def calibrate(model, prompts: list[torch.Tensor], budgets=None, depths=(1, 2, 3, 4, 5), calibration_tree=None,
+              max_new_tokens: int = 96, eos_token_ids=(), rounds: int = 2, progress=None, dynamic=(),
+              context_draft: int = 0) -> TreeChoice:
     """Measure acceptance on ``prompts``, time the best tree of every (node budget, depth limit) on this
     device, and return the one with the most expected tokens per second. The root-only tree (plain decoding
     in the same engine) is a candidate too, so heads that do not pay for themselves here are not used.
     Candidates are timed in ``rounds`` interleaved passes and keep their fastest median, so a slow spell of
     the machine (a shared CPU, clocks) does not fall on one candidate alone.
 
+    ``budgets``: node budgets (default ``node_budgets(context_draft)``). ``context_draft``: the context chain the
+    tree will run with; every candidate but the root-only one is timed with its rows (the expected tokens are the
+    heads' alone: what the chain adds depends on the text, not on the tree).
     ``dynamic``: dynamic tree specs to weigh beside the static trees. A dynamic tree's shape changes every step,
     so its tokens per step are measured by decoding the same prompts with it (``measure_tau``), not predicted."""
     if model.heads is None:
         raise ValueError("calibrate needs a HydraModel with draft heads")
+    if isinstance(context_draft, bool) or not isinstance(context_draft, int) or context_draft < 0:
+        raise ValueError(f"context_draft must be an int >= 0, got {context_draft!r}")
+    budgets = node_budgets(context_draft) if budgets is None else budgets
     acc = measure_acceptance(model, prompts, calibration_tree, max_new_tokens, eos_token_ids)
     trees = list(dict.fromkeys([()] + [acc.best_nodes(b, d) for b in budgets for d in depths]))  # distinct, in order
     heads_depth = len(model.heads.heads)
     dyn = {t.spec: t for t in map(Tree.from_choices, dynamic) if t.heads_depth <= heads_depth}  # the heads' reach
     runnable = {nodes: [list(n) for n in nodes] for nodes in trees} | {spec: spec for spec in dyn}
+    timed = {key: tree if not key or not context_draft else Tree.from_choices(tree, context_len=context_draft)
+             for key, tree in runnable.items()}  # as the step will run: with the chain's rows
     ms_of = dict.fromkeys(runnable, float("inf"))
     for _ in range(rounds):  # static and dynamic candidates in the same interleaved passes
-        for key, tree in runnable.items():
+        for key, tree in timed.items():
             ms_of[key] = min(ms_of[key], time_tree(model, tree, prompts[0]))
     candidates = []
     for key, tree in runnable.items():
