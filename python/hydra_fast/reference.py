@@ -221,6 +221,9 @@ def silu_mul(
     return F.silu(gate) * up
 
 
+_silu_mul = silu_mul  # for add_rms_norm_linear, whose flag (the schema's name) hides the function
+
+
 # The fused linear ops: the elementwise op before a projection, then the projection (on CUDA one GEMV kernel for
 # a few rows; its dot products are summed in another order than a GEMM's, so it matches these to fp32 rounding).
 def linear(
@@ -242,10 +245,7 @@ def add_rms_norm_linear(x, residual, norm_weight, eps: float, weight, bias,
     ``silu_mul``: weight is gate | up [2I, K] and the first output is silu_mul of the product [..., I]."""
     normed, h = add_rms_norm(x, residual, norm_weight, eps)
     out = F.linear(normed, weight, bias)
-    if silu_mul:  # the module-level silu_mul, which the flag's name hides here
-        gate, up = out.chunk(2, dim=-1)
-        out = F.silu(gate) * up
-    return out, h
+    return (_silu_mul(out) if silu_mul else out), h
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
