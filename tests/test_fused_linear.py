@@ -69,13 +69,15 @@ def prologue(op: str, args):
     return reference.add_rms_norm(*args[:4])[0]
 
 
-# (rows, K, N, layout): few rows (the CUDA GEMV: 1, 2, 3, 8 rows; the CPU's few-rows kernel: 2 to 4, with K not a
-# multiple of its 8 lanes and odd N at the end), more rows (the cuBLAS path: 9, 64), widths of
+# (rows, K, N, layout): few rows (the CUDA GEMV: 1, 2, 3, 8 rows, the CTA building them in turn up to 3 and a warp
+# per row from 4; the CPU's few-rows kernel: 2 to 4, with K not a multiple of its 8 lanes and odd N at the end), more
+# rows (the cuBLAS path: 9, 16, 32, 33, 64), widths of
 # SmolLM2 (576, 1536) and Llama-8B (4096), a 17 MB weight of few rows (cuBLAS on CUDA), odd N, strided rows, and a
 # misaligned slice (the cuBLAS path on CUDA)
 CASES = [((1,), 64, 96, "contiguous"), ((1, 1), 576, 960, "contiguous"), ((1, 2), 576, 1539, "rows"),
          ((3,), 1536, 576, "contiguous"), ((8,), 4096, 130, "contiguous"), ((1,), 4096, 2100, "contiguous"),
-         ((9,), 576, 200, "contiguous"), ((2, 32), 576, 70, "contiguous"), ((2,), 576, 33, "slice"),
+         ((9,), 576, 200, "contiguous"), ((2, 8), 576, 96, "rows"), ((1, 32), 576, 70, "contiguous"),
+         ((33,), 576, 40, "contiguous"), ((2, 32), 576, 70, "contiguous"), ((2,), 576, 33, "slice"),
          ((1, 5), 4096, 7, "rows"), ((4,), 75, 34, "contiguous"), ((1, 2), 83, 9, "rows")]
 
 
@@ -107,10 +109,10 @@ def test_matches_reference(device, dtype, op, case):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("op", OPS[1:])
-@pytest.mark.parametrize("rows,K", [((1,), 576), ((4,), 64 + 8), ((2, 1), 1536), ((12,), 576)])
+@pytest.mark.parametrize("rows,K", [((1,), 576), ((4,), 64 + 8), ((2, 1), 1536), ((12,), 576), ((40,), 576)])
 def test_prologue_is_exact(device, dtype, op, rows, K):
     """An identity weight makes the product the prologue itself: every element within the ulp budget of the
-    reference norm (the GEMV's prologue, or the elementwise kernel at 12 rows); [I | I] makes gate and up that
+    reference norm (the GEMV's prologue, or the elementwise kernel at 12 and 40 rows); [I | I] makes gate and up that
     row, and the epilogue's output its SiLU-and-multiply."""
     require_kernel(op_name(op), device)
     gen = generator(seed_of("fused_linear_prologue", op, rows, K, dtype))
@@ -130,15 +132,20 @@ def test_prologue_is_exact(device, dtype, op, rows, K):
     assert_matches_reference(got, want)
 
 
-def small_inputs(op: str, device, seed: int = 0, rows=(3,)):
-    return make_inputs(op, rows, 64, 40, torch.float32, device, generator(seed_of("small", op, seed)))
+def small_inputs(op: str, device, seed: int = 0, rows=(3,), dtype=torch.float32):
+    return make_inputs(op, rows, 64, 40, dtype, device, generator(seed_of("small", op, seed)))
 
 
-@pytest.mark.parametrize("rows", [(3,), (2, 12)], ids=["gemv", "gemm"])
+# 3 rows: the GEMV on CUDA; 24 rows: the elementwise kernel + cuBLAS; 6 bf16 rows: the GEMV, a warp per row
+ROW_CASES = [pytest.param((3,), torch.float32, id="gemv"), pytest.param((2, 3), torch.bfloat16, id="gemv6-bf16"),
+             pytest.param((2, 12), torch.float32, id="gemm")]
+
+
+@pytest.mark.parametrize("rows,dtype", ROW_CASES)
 @pytest.mark.parametrize("op", OPS)
-def test_opcheck(device, op, rows):
+def test_opcheck(device, op, rows, dtype):
     require_kernel(op_name(op), device)
-    args = small_inputs(op, device, rows=rows) + ([True] if op.endswith("+silu") else [])
+    args = small_inputs(op, device, rows=rows, dtype=dtype) + ([True] if op.endswith("+silu") else [])
     torch.library.opcheck(getattr(torch.ops.hydra_fast, op_name(op)).default, args)
 
 
@@ -158,12 +165,12 @@ def test_compile_fullgraph(device):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not cuda_ready(), reason="needs a CUDA device and hydra_fast._C built with CUDA")
-@pytest.mark.parametrize("rows", [(3,), (2, 12)], ids=["gemv", "gemm"])
+@pytest.mark.parametrize("rows,dtype", ROW_CASES)
 @pytest.mark.parametrize("op", OPS)
-def test_cuda_graph(op, rows):
+def test_cuda_graph(op, rows, dtype):
     require_kernel(op_name(op), "cuda")
-    static_out, want, _, _ = replay_cuda_graph(lambda *a: call(ops, op, a), small_inputs(op, "cuda", 1, rows),
-                                               small_inputs(op, "cuda", 2, rows))
+    static_out, want, _, _ = replay_cuda_graph(lambda *a: call(ops, op, a), small_inputs(op, "cuda", 1, rows, dtype),
+                                               small_inputs(op, "cuda", 2, rows, dtype))
     for g, w in zip(torch.utils._pytree.tree_leaves(static_out), torch.utils._pytree.tree_leaves(want)):
         assert torch.equal(g, w)
 

@@ -66,10 +66,11 @@ int fast_per_sm(int R) {
 }
 
 template <typename T, bool kHasRes>
-cudaError_t launch_fast(const kernels::MlpBlockParams& p, cudaStream_t stream) {
+cudaError_t launch_fast(const kernels::MlpBlockParams& p, cudaStream_t stream, bool pdl) {
   if constexpr (sizeof(T) == 2) {
     const int nt = kernels::mlp_row_tile(p.R) / 8;
-    return HF_POW2_UPTO8_SWITCH(nt, kNT, [&] { return kernels::launch_mlp_block_mma<T, kNT, kHasRes>(p, stream); });
+    return HF_POW2_UPTO8_SWITCH(nt, kNT,
+                                [&] { return kernels::launch_mlp_block_mma<T, kNT, kHasRes>(p, stream, pdl); });
   } else {
     return cudaErrorInvalidValue;  // not reached: the fast path is chosen for 16-bit types only
   }
@@ -88,6 +89,7 @@ at::Tensor draft_head_mlp_cuda(const at::Tensor& hidden, const at::Tensor& path_
 
   const c10::cuda::CUDAGuard guard(hidden.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const bool pdl = cuda_glue::pdl_enabled(hidden.get_device());
   const int sms = cuda_glue::sm_count(hidden.get_device());
   const size_t nblocks = weights.size();
   const bool half_type = hidden.scalar_type() == at::kHalf || hidden.scalar_type() == at::kBFloat16;
@@ -172,7 +174,7 @@ at::Tensor draft_head_mlp_cuda(const at::Tensor& hidden, const at::Tensor& path_
         counter_off += ftiles * row_groups;
       }
       HF_DTYPE_SWITCH(hidden.scalar_type(), T, [&] {
-        err = HF_BOOL_SWITCH(has_res, kHasRes, [&] { return launch_fast<T, kHasRes>(p, stream); });
+        err = HF_BOOL_SWITCH(has_res, kHasRes, [&] { return launch_fast<T, kHasRes>(p, stream, pdl); });
       });
     } else {
       // GEMM path: x gathered once if needed ([R, K]), y = W x + b and res = Wr x + br through cuBLAS

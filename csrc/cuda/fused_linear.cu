@@ -35,7 +35,9 @@ struct Inputs {
 // Whether the GEMV kernel takes these inputs: the shapes it supports, and where it is the faster one. On the
 // H200 (bench/RESULTS.md) it streams a weight at ~90 % of copy bandwidth once each warp takes 3+ rows (Llama-8B's
 // gate|up), but at ~65 % when a wave of warps covers the rows once or twice (8B's q|k|v, o, down), where cuBLAS
-// reaches ~88 %; below a few MB every product is launch-bound and the GEMV's saved kernels win.
+// reaches ~88 %; below a few MB every product is launch-bound and the GEMV's saved kernels win. Past 8 rows (a
+// draft tree's) it loses even there: on SmolLM2 a 32-row step through a 32-row form of it took 3.85 ms against
+// 1.47 ms for 33 rows through cuBLAS (bench/RESULTS.md), so that form was not kept.
 bool gemv_fits(const Inputs& in) {
   constexpr int64_t kSmallWeightBytes = 8 << 20;
   constexpr int64_t kWarpsPerSm = 32;  // resident warps of the 4-warp CTAs at <= 64 registers

@@ -101,6 +101,8 @@ __global__ void __launch_bounds__(kMlpWarps * 32, 1) mlp_block_mma_kernel(const 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
   const int ftile = blockIdx.x, split = blockIdx.y, rgroup = blockIdx.z;
+  pdl_wait();  // the rows and the split-K counters come from the kernels before
+  pdl_launch_dependents();
   const int f0 = ftile * kMlpFeatures + warp * 16;  // this warp's first feature
   const int row0 = rgroup * kRG;
   const bool warp_active = f0 < p.d;  // d % 16 == 0: a warp's 16 features are all in range or all out
@@ -293,10 +295,9 @@ __global__ void __launch_bounds__(256) mlp_silu_residual_kernel(const T* __restr
 inline int mlp_row_tile(int R) { return R <= 8 ? 8 : R <= 16 ? 16 : R <= 32 ? 32 : 64; }
 
 template <typename T, int kNT, bool kHasRes>
-cudaError_t launch_mlp_block_mma(const MlpBlockParams& p, cudaStream_t stream) {
+cudaError_t launch_mlp_block_mma(const MlpBlockParams& p, cudaStream_t stream, bool pdl) {
   const dim3 grid(ceil_div(p.d, kMlpFeatures), p.ksplit, ceil_div(p.R, 8 * kNT));
-  mlp_block_mma_kernel<T, kNT, kHasRes><<<grid, kMlpWarps * 32, 0, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(mlp_block_mma_kernel<T, kNT, kHasRes>, grid, dim3(kMlpWarps * 32), 0, stream, pdl, p);
 }
 
 inline unsigned elementwise_blocks(int64_t total) {

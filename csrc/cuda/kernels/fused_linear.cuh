@@ -6,7 +6,7 @@
 // with the rounding of reference.py (layer_math.cuh): a copy (linear), the RMSNorm of x (rms_norm_linear) or of
 // x + residual rounded to T (add_rms_norm_linear: CTA 0 also writes that sum out, the new residual stream). Each
 // CTA recomputes the prologue for itself, which costs a few KB of L2 reads per CTA and saves a launch and a round
-// trip through global memory. Then each warp takes one weight row at a time (grid-stride over the N output
+// trip through global memory (with 4+ rows each warp builds its own rows, so they are built side by side). Then each warp takes one weight row at a time (grid-stride over the N output
 // features; with the SiLU epilogue, the gate row n and the up row I + n together), streams it in 16-byte vectors
 // (kFlUnroll in flight per lane; not kept in L1), and reduces its
 // M fp32 dot products with shuffles; lane 0 adds the bias in fp32 and rounds once to T (then, with the epilogue,
@@ -54,77 +54,99 @@ __device__ __forceinline__ Vec<T, kN> load_stream(const T* p) {
   return v;
 }
 
-// The M input rows of the product, built in shared memory xs [M, K] (values of T). Each thread takes vectors
-// j, j + blockDim, ... two at a time, both loaded before either is used (the loads are what the prologue waits on).
-template <typename T, Prologue P>
-__device__ __forceinline__ void fused_linear_prologue(const FusedLinearParams& p, T* xs) {
+// One input row m of the product, built into shared memory row [K] (values of T) by `threads` threads of which
+// this is thread `t`: the copy (kNone), or the RMSNorm of x or of T(x + residual) (CTA 0 also writes that sum out).
+// Each thread takes vectors t, t + threads, ... kIn at a time, all loaded before any is used (the loads are what
+// the prologue waits on). `reduce` sums a float over the `threads` threads, the same way in each.
+template <typename T, Prologue P, int kIn, typename Reduce>
+__device__ __forceinline__ void build_row(const FusedLinearParams& p, int m, T* row, int t, int threads,
+                                          Reduce reduce) {
   constexpr int kVec = 16 / sizeof(T);
   using V = Vec<T, kVec>;
   const int nvec = p.K / kVec;
-  const int step = blockDim.x;
-  __shared__ float warp_sums[kFlWarps];
-  for (int m = 0; m < p.M; ++m) {
-    const T* x = static_cast<const T*>(p.x) + m * p.x_stride;
-    T* row = xs + m * p.K;
-    if constexpr (P == Prologue::kNone) {
-      for (int j = threadIdx.x; j < nvec; j += step) {
-        *reinterpret_cast<V*>(row + j * kVec) = load_raw<T, kVec>(x + j * kVec);
+  const T* x = static_cast<const T*>(p.x) + m * p.x_stride;
+  if constexpr (P == Prologue::kNone) {
+    for (int j = t; j < nvec; j += threads) *reinterpret_cast<V*>(row + j * kVec) = load_raw<T, kVec>(x + j * kVec);
+    return;
+  } else {
+    const T* res = static_cast<const T*>(p.residual) + m * p.residual_stride;
+    float ss = 0.0f;
+    for (int j = t; j < nvec; j += kIn * threads) {
+      V v[kIn], r[kIn];
+#pragma unroll
+      for (int u = 0; u < kIn; ++u) {
+        if (j + u * threads < nvec) v[u] = load_raw<T, kVec>(x + (j + u * threads) * kVec);
       }
-    } else {
-      const T* res = static_cast<const T*>(p.residual) + m * p.residual_stride;
-      float ss = 0.0f;
-      for (int j = threadIdx.x; j < nvec; j += 2 * step) {
-        const bool two = j + step < nvec;
-        V v[2], r[2];
-        v[0] = load_raw<T, kVec>(x + j * kVec);
-        if (two) v[1] = load_raw<T, kVec>(x + (j + step) * kVec);
-        if constexpr (P == Prologue::kAddRms) {
-          r[0] = load_raw<T, kVec>(res + j * kVec);
-          if (two) r[1] = load_raw<T, kVec>(res + (j + step) * kVec);
+      if constexpr (P == Prologue::kAddRms) {
+#pragma unroll
+        for (int u = 0; u < kIn; ++u) {
+          if (j + u * threads < nvec) r[u] = load_raw<T, kVec>(res + (j + u * threads) * kVec);
         }
+      }
 #pragma unroll
-        for (int t = 0; t < 2; ++t) {
-          if (t == 0 || two) {
-            const int jt = j + t * step;
-            if constexpr (P == Prologue::kAddRms) {
+      for (int u = 0; u < kIn; ++u) {
+        const int ju = j + u * threads;
+        if (ju < nvec) {
+          if constexpr (P == Prologue::kAddRms) {
 #pragma unroll
-              for (int i = 0; i < kVec; ++i) {
-                v[t].v[i] = from_float<T>(__fadd_rn(to_float(v[t].v[i]), to_float(r[t].v[i])));
-              }
-              if (blockIdx.x == 0) *reinterpret_cast<V*>(static_cast<T*>(p.sum) + m * p.K + jt * kVec) = v[t];
+            for (int i = 0; i < kVec; ++i) {
+              v[u].v[i] = from_float<T>(__fadd_rn(to_float(v[u].v[i]), to_float(r[u].v[i])));
             }
-#pragma unroll
-            for (int i = 0; i < kVec; ++i) ss = fmaf(to_float(v[t].v[i]), to_float(v[t].v[i]), ss);
-            *reinterpret_cast<V*>(row + jt * kVec) = v[t];
+            if (blockIdx.x == 0) *reinterpret_cast<V*>(static_cast<T*>(p.sum) + m * p.K + ju * kVec) = v[u];
           }
+#pragma unroll
+          for (int i = 0; i < kVec; ++i) ss = fmaf(to_float(v[u].v[i]), to_float(v[u].v[i]), ss);
+          *reinterpret_cast<V*>(row + ju * kVec) = v[u];
         }
       }
-      ss = warp_sum(ss);
-      const int warps = blockDim.x / 32;
-      if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = ss;
+    }
+    const float rinv = rms_inv_from_sum(reduce(ss), p.K, p.eps);
+    const T* nw = static_cast<const T*>(p.norm_weight);
+    for (int j = t; j < nvec; j += threads) {  // the elements this thread wrote above
+      const V v = *reinterpret_cast<const V*>(row + j * kVec);
+      const V w = load_raw<T, kVec>(nw + j * kVec);
+      float y[kVec];
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) y[i] = rms_scale<T>(to_float(v.v[i]), rinv, to_float(w.v[i]));
+      store_vec<T, kVec>(row + j * kVec, y);
+    }
+  }
+}
+
+// The M input rows of the product, built in shared memory xs [M, K] (values of T). Fewer rows than warps: the
+// whole CTA builds one row after another (its sum of squares reduced over the CTA); more: each warp builds rows
+// w, w + warps, ... on its own (reduced over the warp), so the rows are built side by side, not in turn.
+template <typename T, Prologue P>
+__device__ __forceinline__ void fused_linear_prologue(const FusedLinearParams& p, T* xs) {
+  __shared__ float warp_sums[kFlWarps];
+  const int warps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (p.M < warps) {
+    const auto block_sum = [&](float v) {
+      v = warp_sum(v);
+      if (lane == 0) warp_sums[warp] = v;
       __syncthreads();
       float total = 0.0f;
       for (int w = 0; w < warps; ++w) total += warp_sums[w];  // the same order in every thread
       __syncthreads();  // warp_sums is reused by the next row
-      const float rinv = rms_inv_from_sum(total, p.K, p.eps);
-      const T* nw = static_cast<const T*>(p.norm_weight);
-      for (int j = threadIdx.x; j < nvec; j += step) {  // the elements this thread wrote above
-        const V v = *reinterpret_cast<const V*>(row + j * kVec);
-        const V w = load_raw<T, kVec>(nw + j * kVec);
-        float y[kVec];
-#pragma unroll
-        for (int i = 0; i < kVec; ++i) y[i] = rms_scale<T>(to_float(v.v[i]), rinv, to_float(w.v[i]));
-        store_vec<T, kVec>(row + j * kVec, y);
-      }
-    }
+      return total;
+    };
+    for (int m = 0; m < p.M; ++m) build_row<T, P, 2>(p, m, xs + m * p.K, threadIdx.x, blockDim.x, block_sum);
+  } else {
+    const auto lane_sum = [](float v) { return warp_sum(v); };
+    for (int m = warp; m < p.M; m += warps) build_row<T, P, 2>(p, m, xs + m * p.K, lane, 32, lane_sum);
   }
   __syncthreads();
 }
 
 // kSiluOut: the weight is gate | up [2I, K] and each warp takes rows n and I + n together, so the output is
 // T(silu(T(gate))) * T(up) [M, I] (silu_mul of the product, reference rounding) instead of the product [M, 2I].
+// Resident CTAs per SM the register budget must allow: one row at most 64 registers, so that 8 CTAs (32 warps)
+// keep enough weight bytes in flight; 2-8 rows 6 CTAs (85 registers: their accumulators).
+template <int kRows>
+constexpr int fl_min_ctas() { return kRows == 1 ? 8 : 6; }
+
 template <typename T, Prologue P, int kRows, bool kBias, bool kSiluOut>
-__global__ void __launch_bounds__(kFlThreads) fused_linear_kernel(const FusedLinearParams p) {
+__global__ void __launch_bounds__(kFlThreads, fl_min_ctas<kRows>()) fused_linear_kernel(const FusedLinearParams p) {
   constexpr int kVec = 16 / sizeof(T);
   constexpr int kR = kSiluOut ? 2 : 1;  // weight rows per warp item
   constexpr int kU = kFlUnroll / kR;     // vectors in flight per lane and row: kFlUnroll in all
