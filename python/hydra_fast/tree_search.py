@@ -190,8 +190,8 @@ NODE_BUDGETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 63)
 
 def node_budgets(context_draft: int = 0) -> tuple[int, ...]:
     """``NODE_BUDGETS`` plus the budgets whose step (root, nodes and a context chain of ``context_draft``) has
-    exactly 8, 16, 32 or 64 rows: a kernel's cost moves in steps of such row counts (the fused linear GEMV takes up
-    to 8 rows, or 32 of a small model), so a tree that just fits below one should be weighed."""
+    exactly 8, 16, 32 or 64 rows: kernels' costs move in steps of such row counts (the fused linear GEMV takes up
+    to 8 rows, tensor-core tiles hold 16 or 64), so a tree that just fits below one should be weighed."""
     fill = (rows - 1 - context_draft for rows in (8, 16, 32, 64))
     return tuple(sorted({b for b in (*NODE_BUDGETS, *fill) if 1 <= b <= NODE_BUDGETS[-1]}))
 
