@@ -126,10 +126,10 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 // Prefetch the 128-byte line holding p into L2 (a hint; safe before pdl_wait()).
 __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
 
-// Whether the code the current device runs for `kernel` was compiled for sm_90+, where pdl_wait() is the real
-// wait: a build for older architectures only, run through PTX on a newer GPU, has no-op waits and must not launch
-// with the attribute. Every kernel of the extension is built for the same architectures, so the answer is kept per
-// device.
+// Whether the code the current device runs for `kernel` was compiled from sm_90+ PTX (__CUDA_ARCH__ >= 900), where
+// pdl_wait() is the real wait: a build for older architectures only, JIT-compiled from its PTX on a newer GPU, has
+// a newer binary version but no-op waits, and must not launch with the attribute. Every kernel of the extension
+// is built for the same architectures, so the answer is kept per device.
 inline bool code_has_pdl(const void* kernel) {
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) return false;
@@ -137,7 +137,7 @@ inline bool code_has_pdl(const void* kernel) {
   int v = cache[device].load(std::memory_order_relaxed);
   if (v == 0) {
     cudaFuncAttributes a{};
-    v = cudaFuncGetAttributes(&a, kernel) == cudaSuccess && a.binaryVersion >= 90 ? 2 : 1;
+    v = cudaFuncGetAttributes(&a, kernel) == cudaSuccess && a.ptxVersion >= 90 ? 2 : 1;
     cache[device].store(v, std::memory_order_relaxed);
   }
   return v == 2;
