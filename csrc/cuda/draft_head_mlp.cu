@@ -89,7 +89,7 @@ at::Tensor draft_head_mlp_cuda(const at::Tensor& hidden, const at::Tensor& path_
 
   const c10::cuda::CUDAGuard guard(hidden.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const bool pdl = cuda_glue::pdl_enabled(hidden.get_device());
+  const bool pdl = cuda_glue::pdl_allowed();
   const int sms = cuda_glue::sm_count(hidden.get_device());
   const size_t nblocks = weights.size();
   const bool half_type = hidden.scalar_type() == at::kHalf || hidden.scalar_type() == at::kBFloat16;

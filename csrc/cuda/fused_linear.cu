@@ -78,7 +78,7 @@ void launch(const char* op, const Inputs& in, at::Tensor& out, at::Tensor* sum) 
   p.K = static_cast<int>(in.weight.size(1));
   p.eps = static_cast<float>(in.eps);
   const int sms = cuda_glue::sm_count(in.x.get_device());
-  const bool pdl = cuda_glue::pdl_enabled(in.x.get_device());
+  const bool pdl = cuda_glue::pdl_allowed();
   const cudaError_t err = HF_DTYPE_SWITCH(in.x.scalar_type(), T, [&] {
     return HF_POW2_UPTO8_SWITCH(p.M, kRows, [&] {
       return HF_BOOL_SWITCH(in.bias.has_value(), kBias, [&] {

@@ -33,28 +33,16 @@ inline int sm_count(int device) {
   return n;
 }
 
-// Whether the fused step's kernels launch with programmatic dependent launch on `device`: compute capability 9.0
-// or newer, unless the environment sets HYDRA_FAST_PDL=0 (read once per process; a switch for debugging tools
-// and for measuring what it saves). Read once per device.
-inline bool pdl_enabled(int device) {
+// Whether the fused step's kernels may launch with programmatic dependent launch: unless the environment sets
+// HYDRA_FAST_PDL=0 (read once per process; a switch for debugging tools and for measuring what it saves). Whether
+// a device can is kernels::launch_kernel's question (the kernel's code must come from sm_90+ PTX, which only an
+// sm_90+ device runs).
+inline bool pdl_allowed() {
   static const bool allowed = [] {
     const char* v = std::getenv("HYDRA_FAST_PDL");
     return v == nullptr || std::strcmp(v, "0") != 0;
   }();
-  static std::array<std::atomic<int>, 64> cache{};  // 0 unknown, 1 no, 2 yes
-  if (!allowed) return false;
-  const auto query = [device] {
-    int major = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-    return major >= 9;
-  };
-  if (device < 0 || device >= 64) return query();
-  int v = cache[device].load(std::memory_order_relaxed);
-  if (v == 0) {
-    v = query() ? 2 : 1;
-    cache[device].store(v, std::memory_order_relaxed);
-  }
-  return v == 2;
+  return allowed;
 }
 
 // Raise a kernel's dynamic shared-memory limit when it needs more than the default 48 KB. Called before each

@@ -91,7 +91,7 @@ at::Tensor rope_kv_write_cuda(const at::Tensor& qkv, const at::Tensor& cos, cons
   p.group = kernels::rope_group(nvec);
   p.eps = static_cast<float>(eps);
   const int per = kernels::rope_per_lane(nvec, p.group);
-  const bool pdl = cuda_glue::pdl_enabled(qkv.get_device());
+  const bool pdl = cuda_glue::pdl_allowed();
   const cudaError_t err = HF_DTYPE_SWITCH(qkv.scalar_type(), T, [&] {
     return wide ? launch_per<T, 16 / sizeof(T)>(p, per, stream, pdl) : launch_per<T, 1>(p, per, stream, pdl);
   });

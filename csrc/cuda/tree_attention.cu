@@ -58,7 +58,7 @@ at::Tensor tree_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, c
   const c10::cuda::CUDAGuard guard(q.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int sms = cuda_glue::sm_count(q.get_device());
-  const bool pdl = cuda_glue::pdl_enabled(q.get_device());
+  const bool pdl = cuda_glue::pdl_allowed();
 
   kernels::TreeAttnParams p{};
   p.q = q.const_data_ptr();

@@ -6,12 +6,12 @@
 // with the rounding of reference.py (layer_math.cuh): a copy (linear), the RMSNorm of x (rms_norm_linear) or of
 // x + residual rounded to T (add_rms_norm_linear: CTA 0 also writes that sum out, the new residual stream). Each
 // CTA recomputes the prologue for itself, which costs a few KB of L2 reads per CTA and saves a launch and a round
-// trip through global memory (with 4+ rows each warp builds its own rows, so they are built side by side). Then each warp takes one weight row at a time (grid-stride over the N output
-// features; with the SiLU epilogue, the gate row n and the up row I + n together), streams it in 16-byte vectors
-// (kFlUnroll in flight per lane; not kept in L1), and reduces its
-// M fp32 dot products with shuffles; lane 0 adds the bias in fp32 and rounds once to T (then, with the epilogue,
-// T(silu(gate)) * up). The grid is one wave of resident 4-warp CTAs. The dot products are summed in a different
-// order than cuBLAS's GEMM, so results agree to fp32 rounding, not bit for bit.
+// trip through global memory (with 4+ rows each warp builds its own rows, so they are built side by side). Then
+// each warp takes one weight row at a time (grid-stride over the N output features; with the SiLU epilogue, the
+// gate row n and the up row I + n together), streams it in 16-byte vectors (kFlUnroll in flight per lane; not kept
+// in L1), and reduces its M fp32 dot products with shuffles; lane 0 adds the bias in fp32 and rounds once to T
+// (then, with the epilogue, T(silu(gate)) * up). The grid is one wave of resident 4-warp CTAs. The dot products are
+// summed in a different order than cuBLAS's GEMM, so results agree to fp32 rounding, not bit for bit.
 #pragma once
 
 #include <algorithm>
@@ -67,7 +67,6 @@ __device__ __forceinline__ void build_row(const FusedLinearParams& p, int m, T* 
   const T* x = static_cast<const T*>(p.x) + m * p.x_stride;
   if constexpr (P == Prologue::kNone) {
     for (int j = t; j < nvec; j += threads) *reinterpret_cast<V*>(row + j * kVec) = load_raw<T, kVec>(x + j * kVec);
-    return;
   } else {
     const T* res = static_cast<const T*>(p.residual) + m * p.residual_stride;
     float ss = 0.0f;
@@ -138,12 +137,13 @@ __device__ __forceinline__ void fused_linear_prologue(const FusedLinearParams& p
   __syncthreads();
 }
 
-// kSiluOut: the weight is gate | up [2I, K] and each warp takes rows n and I + n together, so the output is
-// T(silu(T(gate))) * T(up) [M, I] (silu_mul of the product, reference rounding) instead of the product [M, 2I].
 // Resident CTAs per SM the register budget must allow: one row at most 64 registers, so that 8 CTAs (32 warps)
 // keep enough weight bytes in flight; 2-8 rows 6 CTAs (85 registers: their accumulators).
 template <int kRows>
 constexpr int fl_min_ctas() { return kRows == 1 ? 8 : 6; }
+
+// kSiluOut: the weight is gate | up [2I, K] and each warp takes rows n and I + n together, so the output is
+// T(silu(T(gate))) * T(up) [M, I] (silu_mul of the product, reference rounding) instead of the product [M, 2I].
 
 template <typename T, Prologue P, int kRows, bool kBias, bool kSiluOut>
 __global__ void __launch_bounds__(kFlThreads, fl_min_ctas<kRows>()) fused_linear_kernel(const FusedLinearParams p) {
