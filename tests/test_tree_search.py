@@ -92,7 +92,7 @@ def test_calibrate_times_the_trees_with_their_context_chain(monkeypatch):
                            max_new_tokens=40, rounds=1, context_draft=3)
     assert {t.context_len for t in timed if t.num_nodes > 1} == {3}
     assert [t.num_nodes for t in timed if t.context_len == 0] == [1]  # the root-only tree: plain decoding
-    assert len(choice.candidates) == len(timed)
+    assert len(choice.candidates) == len(timed) and choice.context_draft == 3
     with pytest.raises(ValueError, match="context_draft"):
         calibrate(model, [ids], context_draft=-1)
 

@@ -110,7 +110,6 @@ def _calibrate(args) -> int:
             Tree.from_choices(spec)  # a bad spec fails here, before any measurement
     choice = calibrate(model, prompts, max_new_tokens=args.max_new_tokens, eos_token_ids=eos, progress=show,
                        dynamic=dynamic, context_draft=args.context_draft)
-    choice.context_draft = args.context_draft
     choice.save(args.out)
     name = choice.tree if isinstance(choice.tree, str) else f"{len(choice.tree)}-node tree"
     print(f"{name}: {choice.expected_tokens:.2f} tokens/step in {choice.step_ms:.2f} ms "
