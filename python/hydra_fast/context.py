@@ -40,7 +40,10 @@ def match(history: torch.Tensor, valid: torch.Tensor, max_ngram: int = MAX_NGRAM
     suffix = history.gather(1, (n - 1 - back).clamp(min=0))  # [B, K]: suffix[b, i] = history[b, n - 1 - i]
     windows = F.pad(history, (K - 1, 0), value=-1).unfold(1, K, 1).flip(-1)  # [B, W, K]: history[b, e - i]
     same = (windows == suffix.view(B, 1, K)) & (back < n).view(B, 1, K)  # [B, W, K]; -1 pads match nothing
-    length = same.to(torch.long).cumprod(-1).sum(-1)  # [B, W] matched tokens ending at each position e
+    # [B, W] matched tokens ending at each position e: the index of the first mismatch (argmin returns the first
+    # minimum; the padded 0 stands for a full match). A cumprod over K computes the same but its scan kernel is
+    # slow on CUDA for many short rows.
+    length = F.pad(same.to(torch.uint8), (0, 1)).argmin(-1)
     ends = torch.arange(W, device=history.device).view(1, W)  # [1, W]
     key = torch.where(ends <= n - 2, length * W + ends, torch.full_like(length, -1))  # longest, then latest
     end = key.argmax(-1)  # [B]
