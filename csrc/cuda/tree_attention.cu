@@ -4,6 +4,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 #include "checks.h"
 #include "glue.h"
@@ -25,11 +27,26 @@ int choose_chunks(int64_t base_ctas, int64_t S, int sms, int per_sm) {
 
 // The fast path's kernels for 16-bit types (float never takes it).
 template <typename T>
-cudaError_t launch_mma(const kernels::TreeAttnParams& p, cudaStream_t stream, bool pdl) {
+cudaError_t launch_mma(const kernels::TreeAttnParams& p, cudaStream_t stream, bool pdl, bool cluster) {
   if constexpr (sizeof(T) == 2) {
-    return HF_HEADDIM_SWITCH(p.D, kD, [&] { return kernels::launch_tree_attn_mma<T, kD>(p, stream, pdl); });
+    return HF_HEADDIM_SWITCH(p.D, kD, [&] { return kernels::launch_tree_attn_mma<T, kD>(p, stream, pdl, cluster); });
   } else {
     return cudaErrorInvalidValue;
+  }
+}
+
+// Whether the fast path's chunks merge inside clusters (sm_90+ code, 2-8 chunks; HYDRA_FAST_ATTN_CLUSTER=0 turns
+// it off, read once per process: a switch for measuring it and for testing the combine kernel on the same inputs).
+template <typename T>
+bool mma_clusters(int D, int num_chunks) {
+  static const bool allowed = [] {
+    const char* v = std::getenv("HYDRA_FAST_ATTN_CLUSTER");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  if constexpr (sizeof(T) == 2) {
+    return allowed && HF_HEADDIM_SWITCH(D, kD, [&] { return kernels::tree_attn_mma_clusters<T, kD>(num_chunks); });
+  } else {
+    return false;
   }
 }
 
@@ -109,8 +126,10 @@ at::Tensor tree_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, c
   TORCH_CHECK(static_cast<int64_t>(p.row_tiles) * p.num_chunks <= 0x7fffffff,
               "hydra_fast.tree_attention: too many query rows for one launch");
 
+  bool cluster = false;
+  if (fast) HF_DTYPE_SWITCH(q.scalar_type(), T, [&] { cluster = mma_clusters<T>(p.D, p.num_chunks); });
   at::Tensor part_o, part_ml;
-  if (p.num_chunks > 1) {
+  if (p.num_chunks > 1 && !cluster) {
     const auto f32 = q.options().dtype(at::kFloat);
     part_o = at::empty({p.num_chunks, B, N, Hq, D}, f32);    // [chunks, B, N, Hq, D]
     part_ml = at::empty({p.num_chunks, B, N, Hq, 2}, f32);   // [chunks, B, N, Hq, (max, sum)]
@@ -120,11 +139,11 @@ at::Tensor tree_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, c
 
   HF_DTYPE_SWITCH(q.scalar_type(), T, [&] {
     if (fast) {
-      err = launch_mma<T>(p, stream, pdl);
+      err = launch_mma<T>(p, stream, pdl, cluster);
     } else {
       err = HF_POW2_UPTO8_SWITCH(dpl, kDPL, [&] { return kernels::launch_tree_attn_simt<T, kDPL>(p, stream, pdl); });
     }
-    if (err == cudaSuccess && p.num_chunks > 1) err = kernels::launch_tree_attn_combine<T>(p, stream, pdl);
+    if (err == cudaSuccess && p.num_chunks > 1 && !cluster) err = kernels::launch_tree_attn_combine<T>(p, stream, pdl);
   });
   TORCH_CHECK(err == cudaSuccess, "hydra_fast.tree_attention: CUDA launch failed: ", cudaGetErrorString(err));
   return out;

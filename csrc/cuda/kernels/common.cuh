@@ -126,11 +126,12 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 // Prefetch the 128-byte line holding p into L2 (a hint; safe before pdl_wait()).
 __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
 
-// Whether the code the current device runs for `kernel` was compiled from sm_90+ PTX (__CUDA_ARCH__ >= 900), where
-// pdl_wait() is the real wait: a build for older architectures only, JIT-compiled from its PTX on a newer GPU, has
-// a newer binary version but no-op waits, and must not launch with the attribute. Every kernel of the extension
-// is built for the same architectures, so the answer is kept per device.
-inline bool code_has_pdl(const void* kernel) {
+// Whether the code the current device runs for `kernel` was compiled from sm_90+ PTX (__CUDA_ARCH__ >= 900): only
+// then is pdl_wait() the real wait and are thread-block clusters in the code. A build for older architectures
+// only, JIT-compiled from its PTX on a newer GPU, has a newer binary version but no-op waits, and must launch
+// neither with the programmatic attribute nor in clusters. Every kernel of the extension is built for the same
+// architectures, so the answer is kept per device.
+inline bool code_from_sm90(const void* kernel) {
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) return false;
   static std::array<std::atomic<int>, 64> cache{};  // 0 unknown, 1 no, 2 yes
@@ -144,22 +145,39 @@ inline bool code_has_pdl(const void* kernel) {
 }
 
 // Launch `kernel` on `stream`, with the programmatic-stream-serialization attribute when `pdl` and the kernel's
-// code has the real wait (the kernel then follows the pdl_wait() contract above); returns the launch error.
+// code has the real wait (the kernel then follows the pdl_wait() contract above), and in clusters of `cluster_x`
+// consecutive CTAs along x when cluster_x > 1 (the caller checked code_from_sm90(kernel) and that cluster_x
+// divides grid.x; at most 8, the portable cluster size); returns the launch error.
 template <typename... KernelArgs, typename... Args>
-cudaError_t launch_kernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                          bool pdl, Args&&... args) {
-  pdl = pdl && code_has_pdl(reinterpret_cast<const void*>(kernel));
+cudaError_t launch_kernel_in_clusters(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem,
+                                      cudaStream_t stream, bool pdl, unsigned cluster_x, Args&&... args) {
+  pdl = pdl && code_from_sm90(reinterpret_cast<const void*>(kernel));
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = grid;
   cfg.blockDim = block;
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchAttribute attr[2];
+  unsigned n = 0;
+  if (pdl) {
+    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[n++].val.programmaticStreamSerializationAllowed = 1;
+  }
+  if (cluster_x > 1) {
+    attr[n].id = cudaLaunchAttributeClusterDimension;
+    attr[n].val.clusterDim.x = cluster_x;
+    attr[n].val.clusterDim.y = 1;
+    attr[n++].val.clusterDim.z = 1;
+  }
   cfg.attrs = attr;
-  cfg.numAttrs = pdl ? 1 : 0;
+  cfg.numAttrs = n;
   return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+}
+
+template <typename... KernelArgs, typename... Args>
+cudaError_t launch_kernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                          bool pdl, Args&&... args) {
+  return launch_kernel_in_clusters(kernel, grid, block, smem, stream, pdl, 1u, std::forward<Args>(args)...);
 }
 
 // Resident CTAs per SM of `kernel` at `threads` threads and `smem` bytes of dynamic shared memory on the current

@@ -7,7 +7,9 @@
 // head is node r / group, q head kv_head * group + r % group). Row tiles of the same chunk are adjacent block
 // indices, so K/V come from HBM once and from L2 after. Each CTA keeps an online softmax in registers and
 // either writes the final rows (one chunk) or unnormalised partial rows plus (max, sum) that
-// tree_attn_combine_kernel merges. The chunking is computed on the device from cache_lens, so the work
+// tree_attn_combine_kernel merges; on sm_90+ the tensor-core path with 2-8 chunks instead runs the chunks of a
+// row tile as one thread-block cluster that merges them through distributed shared memory (cluster_combine), so
+// the step has no combine kernel. The chunking is computed on the device from cache_lens, so the work
 // follows the real lengths (not the capacity S) and the launch stays graph-capturable.
 //
 // Paths:
@@ -18,6 +20,8 @@
 //    misaligned views).
 // Scores are kept in log2 units (scale * log2 e folded in), so exp2 is one MUFU op.
 #pragma once
+
+#include <cooperative_groups.h>
 
 #include "common.cuh"
 
@@ -86,7 +90,68 @@ struct MmaAttnConfig {
   static constexpr size_t kSmemBytes = size_t(kStages) * 2 * kBN * D * sizeof(T);
 };
 
-template <typename T, int D, int kStages, int kTileN, int kMinBlocks>
+// The combine inside a cluster (sm_90+): the chunks of one row tile are the CTAs of a cluster. Each CTA puts its
+// unnormalised rows o and their (max, sum) into its own shared memory (the K/V ring, drained), the cluster waits
+// for all, then CTA `rank` merges rows rank, rank + C, ... reading the C CTAs' rows through distributed shared
+// memory (one warp a row, as tree_attn_combine_kernel does with global partial rows), and the cluster waits again
+// so that no CTA's shared memory goes away while another reads it. Saves the combine kernel's launch and the
+// partial rows' round trip through global memory.
+constexpr int kMaxClusterChunks = 8;  // the portable cluster size
+
+template <typename T, int D>
+__device__ __forceinline__ void cluster_combine(const TreeAttnParams& p, unsigned char* smem_raw, int tile, int rank,
+                                                int kvh, int b, const float (&o)[D / 8][4], const float (&m)[2],
+                                                const float (&l)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  constexpr int kRows = 64;  // rows of a tile (MmaAttnConfig::kRows)
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, t = lane & 3;
+  cp_async_wait<0>();
+  __syncthreads();  // the ring is no longer read or written
+  float* sO = reinterpret_cast<float*>(smem_raw);                // [kRows][D]
+  float2* sML = reinterpret_cast<float2*>(sO + kRows * D);       // [kRows]: (max in log2 units, sum)
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = warp * 16 + g + 8 * i;
+#pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt) {
+      *reinterpret_cast<float2*>(sO + r * D + nt * 8 + 2 * t) = make_float2(o[nt][2 * i], o[nt][2 * i + 1]);
+    }
+    if (t == 0) sML[r] = make_float2(m[i], l[i]);
+  }
+  cg::cluster_group cluster = cg::this_cluster();
+  cluster.sync();  // every CTA's rows are written (release / acquire at cluster scope)
+  const int C = p.num_chunks;
+  const int rows_here = min(kRows, p.rows - tile * kRows);
+  constexpr int kPer = D / 32;  // values of a row per lane: 2 (D = 64) or 4 (D = 128)
+  for (int r = rank + C * warp; r < rows_here; r += C * 4) {
+    const float2 ml = lane < C ? *cluster.map_shared_rank(sML + r, lane) : make_float2(neg_inf(), 0.f);
+    const float M = warp_max(ml.x);
+    const float Mu = M == neg_inf() ? 0.f : M;
+    const float w = lane < C ? exp2f(ml.x - Mu) : 0.f;
+    const float L = warp_sum(w * ml.y);
+    const float inv = L > 0.f ? 1.f / L : quiet_nan();  // a row that sees nothing: NaN, as the reference
+    float acc[kPer] = {};
+    for (int c = 0; c < C; ++c) {
+      const float wc = __shfl_sync(0xffffffffu, w, c);
+      const float* src = cluster.map_shared_rank(sO + r * D + lane * kPer, c);
+#pragma unroll
+      for (int e = 0; e < kPer; ++e) acc[e] = fmaf(wc, src[e], acc[e]);
+    }
+    const int row = tile * kRows + r;
+    const int node = row / p.group, head = kvh * p.group + row % p.group;
+    T* orow = static_cast<T*>(p.out) + ((static_cast<int64_t>(b) * p.N + node) * p.Hq + head) * D + lane * kPer;
+#pragma unroll
+    for (int e = 0; e < kPer; e += 2) *reinterpret_cast<uint32_t*>(orow + e) = pack2<T>(acc[e] * inv, acc[e + 1] * inv);
+  }
+  cluster.sync();  // no CTA leaves (freeing its shared memory) while another still reads it
+#else
+  __trap();  // never launched: the host launches clusters only for code built from sm_90+ PTX
+#endif
+}
+
+template <typename T, int D, int kStages, int kTileN, int kMinBlocks, bool kCluster>
 __global__ void __launch_bounds__(128, kMinBlocks) tree_attn_mma_kernel(const TreeAttnParams p) {
   using Cfg = MmaAttnConfig<D, kStages, T, kTileN>;
   static_assert(kChunkAlign % kTileN == 0, "chunks must be whole tiles");
@@ -98,8 +163,9 @@ __global__ void __launch_bounds__(128, kMinBlocks) tree_attn_mma_kernel(const Tr
   T* sK = reinterpret_cast<T*>(smem_raw);  // [kStages][kBN][D], 16-byte chunk c of row r at c ^ (r & 7)
   T* sV = sK + kStages * kBN * D;
 
-  const int tile = blockIdx.x % p.row_tiles;
-  const int chunk = blockIdx.x / p.row_tiles;
+  // Clustered: the num_chunks CTAs of a row tile are one cluster (consecutive x), chunk = rank in it.
+  const int tile = kCluster ? blockIdx.x / p.num_chunks : blockIdx.x % p.row_tiles;
+  const int chunk = kCluster ? blockIdx.x % p.num_chunks : blockIdx.x / p.row_tiles;
   const int kvh = blockIdx.y;
   const int b = blockIdx.z;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -110,7 +176,8 @@ __global__ void __launch_bounds__(128, kMinBlocks) tree_attn_mma_kernel(const Tr
   const SeqRange sr = seq_range(p, b);
   const int clen = chunk_len(sr.kv_end, p.num_chunks);
   const int kv_begin = chunk * clen;
-  if (p.num_chunks > 1 && kv_begin >= sr.kv_end) return;  // the combine kernel skips this chunk
+  // An empty chunk: the combine kernel skips it; in a cluster it runs on (no tiles) to the cluster's barriers.
+  if (!kCluster && p.num_chunks > 1 && kv_begin >= sr.kv_end) return;
   const int kv_stop = min(kv_begin + clen, sr.kv_end);
   const int ntiles = kv_stop > kv_begin ? ceil_div(kv_stop - kv_begin, kBN) : 0;
 
@@ -275,6 +342,15 @@ __global__ void __launch_bounds__(128, kMinBlocks) tree_attn_mma_kernel(const Tr
     }
   }
 
+  if constexpr (kCluster) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
+      l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
+    }
+    cluster_combine<T, D>(p, smem_raw, tile, chunk, kvh, b, o, m, l);
+    return;
+  }
   if (!warp_active) return;
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
@@ -532,12 +608,55 @@ template <typename T, int D>
 struct MmaAttnKernel {
   static constexpr int kStages = 3, kTileN = 64, kMinBlocks = 2;
   using Cfg = MmaAttnConfig<D, kStages, T, kTileN>;
-  static constexpr auto kernel = tree_attn_mma_kernel<T, D, kStages, kTileN, kMinBlocks>;
+  static constexpr auto kernel = tree_attn_mma_kernel<T, D, kStages, kTileN, kMinBlocks, false>;
+  static constexpr auto clustered = tree_attn_mma_kernel<T, D, kStages, kTileN, kMinBlocks, true>;
+  static_assert(Cfg::kRows == 64 && 64 * D * sizeof(float) + 64 * sizeof(float2) <= Cfg::kSmemBytes,
+                "the cluster combine's rows must fit in the K/V ring");
   static cudaError_t prepare() {
     if (Cfg::kSmemBytes <= 48 * 1024) return cudaSuccess;
-    return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Cfg::kSmemBytes));
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(Cfg::kSmemBytes));
+    if (err != cudaSuccess) return err;
+    return cudaFuncSetAttribute(clustered, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                static_cast<int>(Cfg::kSmemBytes));
   }
 };
+
+// Whether the chunks of a launch of num_chunks chunks can merge inside a cluster (no combine kernel): sm_90+ code,
+// 2-8 chunks, and the device can schedule such a cluster (asked once per device and size, then kept: a failed
+// launch inside a CUDA-graph capture could not be retried the other way).
+template <typename T, int D>
+bool tree_attn_mma_clusters(int num_chunks) {
+  using K = MmaAttnKernel<T, D>;
+  if (num_chunks < 2 || num_chunks > kMaxClusterChunks || !code_from_sm90(reinterpret_cast<const void*>(K::clustered))) {
+    return false;
+  }
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) return false;
+  static std::array<std::array<std::atomic<int>, kMaxClusterChunks + 1>, 64> cache{};  // 0 unknown, 1 no, 2 yes
+  std::atomic<int>& slot = cache[device][num_chunks];
+  int v = slot.load(std::memory_order_relaxed);
+  if (v == 0) {
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = dim3(num_chunks);
+    cfg.blockDim = dim3(K::Cfg::kThreads);
+    cfg.dynamicSmemBytes = K::Cfg::kSmemBytes;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = num_chunks;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    int clusters = 0;
+    const bool ok = K::prepare() == cudaSuccess &&
+                    cudaOccupancyMaxActiveClusters(&clusters, K::clustered, &cfg) == cudaSuccess && clusters > 0;
+    if (!ok) (void)cudaGetLastError();  // a refused query leaves no sticky error behind
+    v = ok ? 2 : 1;
+    slot.store(v, std::memory_order_relaxed);
+  }
+  return v == 2;
+}
 
 // CTAs of the launch that fit on one multiprocessor at once (for the chunk choice).
 template <typename T, int D>
@@ -559,12 +678,17 @@ cudaError_t tree_attn_simt_per_sm(int* per_sm, int D) {
   return occupancy_per_sm(reinterpret_cast<const void*>(kernel), kSimtThreads, smem, per_sm);
 }
 
+// cluster: tree_attn_mma_clusters(p.num_chunks) said yes; the output rows are then final (no combine launch).
 template <typename T, int D>
-cudaError_t launch_tree_attn_mma(const TreeAttnParams& p, cudaStream_t stream, bool pdl) {
+cudaError_t launch_tree_attn_mma(const TreeAttnParams& p, cudaStream_t stream, bool pdl, bool cluster) {
   using K = MmaAttnKernel<T, D>;
   cudaError_t err = K::prepare();
   if (err != cudaSuccess) return err;
   const dim3 grid(p.row_tiles * p.num_chunks, p.Hkv, p.B);
+  if (cluster) {
+    return launch_kernel_in_clusters(K::clustered, grid, dim3(K::Cfg::kThreads), K::Cfg::kSmemBytes, stream, pdl,
+                                     static_cast<unsigned>(p.num_chunks), p);
+  }
   return launch_kernel(K::kernel, grid, dim3(K::Cfg::kThreads), K::Cfg::kSmemBytes, stream, pdl, p);
 }
 
