@@ -10,6 +10,8 @@
 // a real key's high word is at least that of -inf, 0x007fffff.
 #pragma once
 
+#include <type_traits>
+
 #include "common.cuh"
 
 namespace hydra_fast::kernels {
@@ -65,14 +67,30 @@ __device__ __forceinline__ uint64_t warp_max_u64(uint64_t x) {
   return x;
 }
 
+// kVec elements of a row as they are stored: one T, or one 16-byte vector (unpacked only when used, so that a
+// thread's kTopkBatch loads in flight cost 4 registers each).
 template <typename T, int kVec>
-__device__ __forceinline__ void topk_load(const T* p, float* out) {
-  if constexpr (kVec == 1) {
-    out[0] = to_float(p[0]);
-  } else {
-    unpack16<T>(ld_stream_u4(p), out);
+struct TopkChunk {
+  using Raw = std::conditional_t<kVec == 1, T, uint4>;
+  Raw raw;
+  __device__ __forceinline__ void load(const T* p) {
+    if constexpr (kVec == 1) {
+      raw = p[0];
+    } else {
+      raw = ld_stream_u4(p);
+    }
   }
-}
+  __device__ __forceinline__ void unpack(float* out) const {
+    if constexpr (kVec == 1) {
+      out[0] = to_float(raw);
+    } else {
+      unpack16<T>(raw, out);
+    }
+  }
+};
+
+// Loads each thread keeps in flight before it ranks their elements: the row is read in few round trips.
+constexpr int kTopkBatch = 4;
 
 template <typename T, int kK, int kVec>
 __global__ void __launch_bounds__(kTopkMaxThreads) topk_rows_kernel(const TopkRowsParams p) {
@@ -85,11 +103,24 @@ __global__ void __launch_bounds__(kTopkMaxThreads) topk_rows_kernel(const TopkRo
     uint64_t list[kK];
 #pragma unroll
     for (int j = 0; j < kK; ++j) list[j] = 0;
-    for (int v = threadIdx.x; v < p.V / kVec; v += blockDim.x) {
-      float f[kVec];
-      topk_load<T, kVec>(x + v * kVec, f);
+    const int chunks = p.V / kVec;
+    for (int c0 = threadIdx.x; c0 < chunks; c0 += kTopkBatch * blockDim.x) {
+      TopkChunk<T, kVec> batch[kTopkBatch];
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) topk_insert<kK>(list, topk_key(f[e], v * kVec + e));
+      for (int u = 0; u < kTopkBatch; ++u) {
+        const int c = c0 + u * blockDim.x;
+        if (c < chunks) batch[u].load(x + c * kVec);
+      }
+#pragma unroll
+      for (int u = 0; u < kTopkBatch; ++u) {
+        const int c = c0 + u * blockDim.x;
+        if (c < chunks) {
+          float f[kVec];
+          batch[u].unpack(f);
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) topk_insert<kK>(list, topk_key(f[e], c * kVec + e));
+        }
+      }
     }
     // Each warp's k best, in order, to shared memory.
     for (int r = 0; r < p.k; ++r) {
@@ -119,9 +150,9 @@ __global__ void __launch_bounds__(kTopkMaxThreads) topk_rows_kernel(const TopkRo
 template <typename T, int kK, int kVec>
 cudaError_t launch_topk_rows(const TopkRowsParams& p, cudaStream_t stream, bool pdl) {
   if (p.rows == 0) return cudaSuccess;
-  // Enough threads that each holds a few dozen elements, at least a warp per 32 keys merged.
+  // Enough threads that each reads its part of the row in about one batch of loads (up to 512 threads).
   int threads = 128;
-  while (threads < kTopkMaxThreads && p.V / threads > 64) threads *= 2;
+  while (threads < kTopkMaxThreads && p.V > threads * kTopkBatch * kVec) threads *= 2;
   const unsigned grid = static_cast<unsigned>(p.rows < (int64_t{1} << 30) ? p.rows : (int64_t{1} << 30));
   return launch_kernel(topk_rows_kernel<T, kK, kVec>, dim3(grid), dim3(threads), 0, stream, pdl, p);
 }
