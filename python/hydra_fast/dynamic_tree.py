@@ -152,7 +152,7 @@ def expand(heads, hidden: torch.Tensor, root: torch.Tensor, tree: DynamicTree, e
     path = root.view(B, 1, 1)  # [B, n, d - 1]: tokens root .. each node of the level before (n = 1 at first)
     offset = 0  # candidate index of the level's first candidate
     for d in range(2, D + 1):
-        f_score, f = torch.topk(score, W, dim=-1)  # [B, W] the frontier, within the level's candidates
+        f_score, f = impl.topk_rows(score, W)  # [B, W] the frontier, within the level's candidates (ties: lower)
         path = torch.cat([path.gather(1, (f // K).view(B, W, 1).expand(B, W, d - 1)),
                           tok.gather(1, f).view(B, W, 1)], dim=-1)  # [B, W, d] root .. frontier node
         head = heads.heads[d - 1]
