@@ -373,3 +373,9 @@ from layout_op_cases import LAYOUT_BUILDERS  # noqa: E402
 
 OPS = OPS + tuple(LAYOUT_BUILDERS)
 BUILDERS.update(LAYOUT_BUILDERS)
+
+# The draft heads' top-k (topk_rows): cases in topk_op_cases.py.
+from topk_op_cases import TOPK_BUILDERS  # noqa: E402
+
+OPS = OPS + tuple(TOPK_BUILDERS)
+BUILDERS.update(TOPK_BUILDERS)

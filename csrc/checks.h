@@ -10,6 +10,7 @@
 // Requirements specific to one backend (CUDA alignment, D % 8, ...) live in that backend's glue, not here.
 #pragma once
 
+#include <ATen/TensorUtils.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
@@ -488,6 +489,24 @@ inline void check_dynamic_tree_layout(const at::Tensor& score, const at::Tensor&
   TORCH_CHECK(max_depth >= 1 && max_depth >= context_len, "hydra_fast.", op,
               ": max_depth must be >= 1 and >= context_len (", context_len, ", the context chain's deepest node), "
               "got ", max_depth);
+}
+
+// x [..., V] (float dtype, V >= 1; leading dims may be empty), 1 <= k <= V. Returns x's rows as one run of equally
+// spaced rows with a contiguous last dim (what x.view(-1, V) gives), or nullopt when x has no such layout: the
+// kernels then read x.contiguous().
+inline std::optional<RowLayout> check_topk_rows(const at::Tensor& x, int64_t k) {
+  namespace c = checks_detail;
+  const char* op = "topk_rows";
+  TORCH_CHECK(x.dim() >= 1, "hydra_fast.", op, ": x must have at least 1 dim [..., V], got a 0-dim tensor");
+  c::float_dtype(op, "x", x);
+  const int64_t V = x.size(-1);
+  TORCH_CHECK(V >= 1, "hydra_fast.", op, ": x's last dim V must be >= 1, got 0");
+  TORCH_CHECK(k >= 1 && k <= V, "hydra_fast.", op, ": k must be in [1, V = ", V, "] (x's last dim), got ", k);
+  const int64_t rows = x.numel() / V;
+  if (rows == 0) return RowLayout{0, V};
+  const auto strides = at::detail::computeStride(x.sizes(), x.strides(), at::IntArrayRef{rows, V});
+  if (!strides.has_value() || (V > 1 && (*strides)[1] != 1)) return std::nullopt;
+  return RowLayout{rows, (*strides)[0]};
 }
 
 }  // namespace hydra_fast

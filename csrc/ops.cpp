@@ -53,4 +53,7 @@ TORCH_LIBRARY(hydra_fast, m) {
   // kept = the top `nodes` by score, ties to the lower candidate index).
   m.def("dynamic_tree_layout(Tensor score, Tensor parent, Tensor candidate_depth, int nodes, int context_len, "
         "int max_depth) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // x [..., V] (float dtype), 1 <= k <= V -> (values [..., k] in x's dtype, indices int64 [..., k]): each row's k
+  // largest, by value descending, ties to the lower index, NaN above every number (reference.topk_rows).
+  m.def("topk_rows(Tensor x, int k) -> (Tensor, Tensor)");
 }

@@ -116,3 +116,22 @@
       return __VA_ARGS__();                          \
     }                                                \
   }()
+
+// Register-list lengths (topk_rows): the smallest of 4, 8, 16, 32 that is >= VALUE (VALUE <= 32).
+#define HF_POW2_4_TO_32_SWITCH(VALUE, CONST_NAME, ...) \
+  [&] {                                                \
+    if ((VALUE) <= 4) {                                \
+      constexpr static int CONST_NAME = 4;             \
+      return __VA_ARGS__();                            \
+    } else if ((VALUE) <= 8) {                         \
+      constexpr static int CONST_NAME = 8;             \
+      return __VA_ARGS__();                            \
+    } else if ((VALUE) <= 16) {                        \
+      constexpr static int CONST_NAME = 16;            \
+      return __VA_ARGS__();                            \
+    } else {                                           \
+      TORCH_CHECK((VALUE) <= 32, "hydra_fast: switch value ", VALUE, " > 32"); \
+      constexpr static int CONST_NAME = 32;            \
+      return __VA_ARGS__();                            \
+    }                                                  \
+  }()

@@ -218,6 +218,13 @@ def dynamic_tree_layout(score, parent, candidate_depth, nodes: int, context_len:
     return _require().dynamic_tree_layout(score, parent, candidate_depth, nodes, context_len, max_depth)
 
 
+def topk_rows(x, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's k largest values: x [..., V] (float32/float16/bfloat16), 1 <= k <= V -> (values [..., k] in x's
+    dtype, indices int64 [..., k]), by value descending, ties to the lower index, NaN above every number (the
+    order of a stable descending sort). CUDA: one CTA per row for k <= 32, else a full sort of the rows."""
+    return _require().topk_rows(x, k)
+
+
 class _Kernels:
     """The compiled ops under the reference module's names (see ``implementation``)."""
 
@@ -235,6 +242,7 @@ class _Kernels:
     linear = staticmethod(linear)
     rms_norm_linear = staticmethod(rms_norm_linear)
     add_rms_norm_linear = staticmethod(add_rms_norm_linear)
+    topk_rows = staticmethod(topk_rows)
 
 
 # Every op this package calls (``_Kernels``): an extension built from older sources lacks some, and is then not used.
@@ -336,6 +344,13 @@ def _register_fakes() -> None:
         return (score.new_empty((B, nodes), **i64), score.new_empty((B, N, L), **i64),
                 score.new_empty((B, N, N), dtype=torch.bool), score.new_empty((B, N), **i64),
                 score.new_empty((B, N), **i64), score.new_empty((B, N), **i64))
+
+    @torch.library.register_fake(lib + "topk_rows")
+    def _(x, k):
+        torch._check(1 <= k <= x.shape[-1], lambda: f"hydra_fast.topk_rows: k must be in [1, V = {x.shape[-1]}], "
+                     f"got {k}")
+        shape = (*x.shape[:-1], k)
+        return x.new_empty(shape), x.new_empty(shape, dtype=torch.long)
 
 
 if _EXTENSION is not None:

@@ -468,3 +468,13 @@ def _child_lists(parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     later_sibling = (parents.view(B, 1, N) == parents.view(B, N, 1)) & (j.view(1, 1, N) > j.view(1, N, 1))
     nxt = torch.where(later_sibling, j.view(1, 1, N), none).amin(-1)  # [B, N]
     return torch.where(first == N, -1, first), torch.where(nxt == N, -1, nxt)
+
+
+def topk_rows(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., V] -> (values [..., k] in x's dtype, indices int64 [..., k]): each row's k largest by value
+    descending; ties to the lower index, NaN above every number (a stable descending sort defines the order)."""
+    V = x.shape[-1]
+    if not 1 <= k <= V:
+        raise ValueError(f"topk_rows: k must be in [1, V = {V}] (x's last dim), got {k}")
+    values, indices = torch.sort(x, dim=-1, descending=True, stable=True)  # [..., V] each
+    return values[..., :k].contiguous(), indices[..., :k].contiguous()

@@ -1,0 +1,57 @@
+// CUDA glue of topk_rows: checks, device guard, current stream, dtype / list-length / vector-width dispatch,
+// launch. See kernels/topk_rows.cuh. k > 32 (or rows longer than int32 indices reach) take a stable descending
+// sort of the rows instead, the reference's own definition.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <tuple>
+
+#include "glue.h"
+#include "kernels/topk_rows.cuh"
+#include "static_switch.h"
+#include "topk_rows.h"
+
+namespace hydra_fast {
+namespace {
+
+constexpr int64_t kMaxKernelK = 32;
+
+std::tuple<at::Tensor, at::Tensor> topk_rows_cuda(const at::Tensor& x, int64_t k) {
+  TORCH_CHECK(x.is_cuda(), "hydra_fast.topk_rows: x must be a CUDA tensor");
+  check_topk_rows(x, k);
+  const int64_t V = x.size(-1);
+  const c10::cuda::CUDAGuard guard(x.device());
+  if (k > kMaxKernelK || V > std::numeric_limits<int32_t>::max()) {
+    const auto [values, indices] = at::sort(x, /*stable=*/true, /*dim=*/-1, /*descending=*/true);
+    return {values.narrow(-1, 0, k).contiguous(), indices.narrow(-1, 0, k).contiguous()};
+  }
+  const TopkRowsIO io = topk_rows_io(x, k);
+  const RowLayout xl = io.layout;
+  if (xl.rows == 0) return {io.values, io.indices};
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const bool wide = cuda_glue::rows_aligned(io.x, xl.rows, xl.row_stride, 16 / io.x.element_size());
+  kernels::TopkRowsParams p{};
+  p.x = io.x.const_data_ptr();
+  p.values = io.values.mutable_data_ptr();
+  p.indices = io.indices.mutable_data_ptr<int64_t>();
+  p.x_stride = xl.row_stride;
+  p.rows = xl.rows;
+  p.V = static_cast<int>(V);
+  p.k = static_cast<int>(k);
+  const bool pdl = cuda_glue::pdl_allowed();
+  const cudaError_t err = HF_DTYPE_SWITCH(x.scalar_type(), T, [&] {
+    return HF_POW2_4_TO_32_SWITCH(k, kK, [&] {
+      return wide ? kernels::launch_topk_rows<T, kK, 16 / sizeof(T)>(p, stream, pdl)
+                  : kernels::launch_topk_rows<T, kK, 1>(p, stream, pdl);
+    });
+  });
+  TORCH_CHECK(err == cudaSuccess, "hydra_fast.topk_rows: CUDA launch failed: ", cudaGetErrorString(err));
+  return {io.values, io.indices};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(hydra_fast, CUDA, m) { m.impl("topk_rows", &topk_rows_cuda); }
+
+}  // namespace hydra_fast
