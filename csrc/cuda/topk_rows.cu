@@ -1,6 +1,6 @@
 // CUDA glue of topk_rows: checks, device guard, current stream, dtype / list-length / vector-width dispatch,
-// launch. See kernels/topk_rows.cuh. k > 32 (or rows longer than int32 indices reach) take a stable descending
-// sort of the rows instead, the reference's own definition.
+// launch. See kernels/topk_rows.cuh. k > 32 (or rows longer than int32 indices reach) sort the rows instead
+// (sorted_by_keys).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -17,15 +17,36 @@ namespace {
 
 constexpr int64_t kMaxKernelK = 32;
 
+// The rows sorted by the kernel's order keys, made with tensor ops: the fp32 value mapped to an order-preserving
+// unsigned 32-bit integer (-0.0 as +0.0, NaN the largest) times 2^31, plus 2^31 - 1 - index (a tie goes to the lower
+// index); keys are unique, so the order is the specification's. (torch.sort's own order of NaNs on CUDA is not:
+// on the H200 it disagreed with the CPU's stable sort.) For k > 32 and rows past int32 indices (int64 keys:
+// indices < 2^31 here; longer rows sort by value with a stable sort, the reference's definition).
+std::tuple<at::Tensor, at::Tensor> sorted_by_keys(const at::Tensor& x, int64_t k) {
+  const int64_t V = x.size(-1);
+  if (V > std::numeric_limits<int32_t>::max()) {
+    const auto [values, indices] = at::sort(x, /*stable=*/true, /*dim=*/-1, /*descending=*/true);
+    return {values.narrow(-1, 0, k).contiguous(), indices.narrow(-1, 0, k).contiguous()};
+  }
+  const at::Tensor f = x.to(at::kFloat).contiguous();                                   // exact for 16-bit
+  at::Tensor bits = f.view(at::kInt).to(at::kLong).bitwise_and(0xffffffffLL);           // [..., V] in [0, 2^32)
+  bits = at::where(bits.bitwise_and(0x7fffffffLL).eq(0), at::zeros_like(bits), bits);  // -0.0 as +0.0
+  const at::Tensor negative = bits.ge(0x80000000LL);
+  at::Tensor ordered = at::where(negative, bits.bitwise_xor(0xffffffffLL), bits.bitwise_or(0x80000000LL));
+  ordered = at::where(f.isnan(), at::full_like(ordered, 0xffffffffLL), ordered);
+  const at::Tensor index = at::arange(V, x.options().dtype(at::kLong));
+  const at::Tensor key = ordered.mul(int64_t(1) << 31).add(index.neg().add((int64_t(1) << 31) - 1));
+  const at::Tensor top = std::get<1>(at::sort(key, /*stable=*/false, /*dim=*/-1, /*descending=*/true));
+  const at::Tensor indices = top.narrow(-1, 0, k).contiguous();
+  return {x.gather(-1, indices).contiguous(), indices};
+}
+
 std::tuple<at::Tensor, at::Tensor> topk_rows_cuda(const at::Tensor& x, int64_t k) {
   TORCH_CHECK(x.is_cuda(), "hydra_fast.topk_rows: x must be a CUDA tensor");
   check_topk_rows(x, k);
   const int64_t V = x.size(-1);
   const c10::cuda::CUDAGuard guard(x.device());
-  if (k > kMaxKernelK || V > std::numeric_limits<int32_t>::max()) {
-    const auto [values, indices] = at::sort(x, /*stable=*/true, /*dim=*/-1, /*descending=*/true);
-    return {values.narrow(-1, 0, k).contiguous(), indices.narrow(-1, 0, k).contiguous()};
-  }
+  if (k > kMaxKernelK || V > std::numeric_limits<int32_t>::max()) return sorted_by_keys(x, k);
   const TopkRowsIO io = topk_rows_io(x, k);
   const RowLayout xl = io.layout;
   if (xl.rows == 0) return {io.values, io.indices};
