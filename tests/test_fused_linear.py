@@ -1,10 +1,8 @@
 """The fused linear ops (linear, rms_norm_linear, add_rms_norm_linear with and without its SiLU-and-multiply
 epilogue, "+silu" below) against reference.py.
 
-On CUDA, up to 8 rows run one GEMV kernel whose prologue is the elementwise op; 9-80 rows of a 16-bit weight of at
-most 8 MB (K a multiple of 32, outputs a multiple of 8) run its tensor-core form, with the same prologue and
-epilogue; other rows, or unaligned rows, run the elementwise kernel and cuBLAS. All are covered here: each case's
-rows, K, N and dtype say which.
+On CUDA, up to 8 rows run one GEMV kernel whose prologue is the elementwise op; more rows, or unaligned rows, run
+the elementwise kernel and cuBLAS. Both are covered here: each case's row count says which.
 - The prologue is checked exactly: with an identity weight the product is the prologue's output (a sum of one
   product and zeros), so it must match the reference elementwise op within test_layer_ops' ulp budget; the
   epilogue likewise, with the weight [I | I] making gate and up the same normed row.
@@ -73,17 +71,14 @@ def prologue(op: str, args):
 
 # (rows, K, N, layout): few rows (the CUDA GEMV: 1, 2, 3, 8 rows, the CTA building them in turn up to 3 and a warp
 # per row from 4; the CPU's few-rows kernel: 2 to 4, with K not a multiple of its 8 lanes and odd N at the end), more
-# rows (16-bit on CUDA: the tensor-core form at 9, 16, 33, 40 and 72 rows, one to five 16-row tiles, K 576 and 1536;
-# cuBLAS at 32 and 64 rows of N = 70, not a multiple of 8, and past 80 rows; fp32: cuBLAS), widths of
+# rows (the cuBLAS path: 9, 16, 32, 33, 64), widths of
 # SmolLM2 (576, 1536) and Llama-8B (4096), a 17 MB weight of few rows (cuBLAS on CUDA), odd N, strided rows, and a
 # misaligned slice (the cuBLAS path on CUDA)
 CASES = [((1,), 64, 96, "contiguous"), ((1, 1), 576, 960, "contiguous"), ((1, 2), 576, 1539, "rows"),
          ((3,), 1536, 576, "contiguous"), ((8,), 4096, 130, "contiguous"), ((1,), 4096, 2100, "contiguous"),
          ((9,), 576, 200, "contiguous"), ((2, 8), 576, 96, "rows"), ((1, 32), 576, 70, "contiguous"),
          ((33,), 576, 40, "contiguous"), ((2, 32), 576, 70, "contiguous"), ((2,), 576, 33, "slice"),
-         ((1, 5), 4096, 7, "rows"), ((4,), 75, 34, "contiguous"), ((1, 2), 83, 9, "rows"),
-         ((72,), 576, 960, "contiguous"), ((2, 20), 576, 64, "rows"), ((20,), 1536, 576, "contiguous"),
-         ((81,), 576, 64, "contiguous")]
+         ((1, 5), 4096, 7, "rows"), ((4,), 75, 34, "contiguous"), ((1, 2), 83, 9, "rows")]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -117,8 +112,7 @@ def test_matches_reference(device, dtype, op, case):
 @pytest.mark.parametrize("rows,K", [((1,), 576), ((4,), 64 + 8), ((2, 1), 1536), ((12,), 576), ((40,), 576)])
 def test_prologue_is_exact(device, dtype, op, rows, K):
     """An identity weight makes the product the prologue itself: every element within the ulp budget of the
-    reference norm (the GEMV's prologue; at 12 and 40 rows the tensor-core form's in 16-bit, the elementwise kernel in
-    fp32); [I | I] makes gate and up that
+    reference norm (the GEMV's prologue, or the elementwise kernel at 12 and 40 rows); [I | I] makes gate and up that
     row, and the epilogue's output its SiLU-and-multiply."""
     require_kernel(op_name(op), device)
     gen = generator(seed_of("fused_linear_prologue", op, rows, K, dtype))
@@ -142,10 +136,9 @@ def small_inputs(op: str, device, seed: int = 0, rows=(3,), dtype=torch.float32)
     return make_inputs(op, rows, 64, 40, dtype, device, generator(seed_of("small", op, seed)))
 
 
-# 3 rows: the GEMV on CUDA; 24 fp32 rows: the elementwise kernel + cuBLAS; 6 bf16 rows: the GEMV, a warp per row;
-# 24 bf16 rows: the tensor-core form
+# 3 rows: the GEMV on CUDA; 24 rows: the elementwise kernel + cuBLAS; 6 bf16 rows: the GEMV, a warp per row
 ROW_CASES = [pytest.param((3,), torch.float32, id="gemv"), pytest.param((2, 3), torch.bfloat16, id="gemv6-bf16"),
-             pytest.param((2, 12), torch.float32, id="gemm"), pytest.param((2, 12), torch.bfloat16, id="mma-bf16")]
+             pytest.param((2, 12), torch.float32, id="gemm")]
 
 
 @pytest.mark.parametrize("rows,dtype", ROW_CASES)

@@ -1,8 +1,7 @@
 // CUDA glue of linear, rms_norm_linear and add_rms_norm_linear: checks, then the GEMV kernel
-// (kernels/fused_linear.cuh) for up to kFlMaxRows rows whose inputs fit in shared memory and are 16-byte aligned;
-// the tensor-core form of the same kernel (prologue and epilogue fused alike) for the 9-80 rows of a draft tree on
-// a small 16-bit weight; else the composed steps (fused_linear.h: the elementwise kernel, then cuBLAS), which is
-// what large weights of many rows run (cuBLAS streams them near bandwidth).
+// (kernels/fused_linear.cuh) for up to kFlMaxRows rows whose inputs fit in shared memory and are 16-byte aligned,
+// else the composed steps (fused_linear.h: the elementwise kernel, then cuBLAS), which is also what a tree of
+// many nodes runs: at 16+ rows the GEMV would read the weight once but leave the tensor cores idle.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -58,29 +57,9 @@ bool gemv_fits(const Inputs& in) {
          cuda_glue::ptr_aligned(in.weight.const_data_ptr(), 16) && (N <= 1 || in.weight.stride(0) % elems == 0);
 }
 
-// Whether the tensor-core form takes these inputs: 9-80 rows (a draft tree's) of 16-bit values on a weight of at
-// most 8 MB, where each product is launch- and latency-bound (SmolLM2's tree step: ~4 us per cuBLAS product plus ~2
-// us per separate norm or SiLU-mul kernel; on Llama-8B's weights cuBLAS streams at ~88 % of bandwidth, and the
-// composed steps stay); K a multiple of 32, output features a multiple of 8, rows and weight 16-byte aligned.
-bool mma_fits(const Inputs& in) {
-  constexpr int64_t kSmallWeightBytes = 8 << 20;
-  const int64_t M = in.xl.rows, N = in.weight.size(0), K = in.weight.size(1);
-  const int64_t n_out = in.silu_mul ? N / 2 : N;
-  const bool half_type = in.x.scalar_type() == at::kHalf || in.x.scalar_type() == at::kBFloat16;
-  return half_type && M >= kernels::kFmMinRows && M <= 16 * kernels::kFmMaxTiles &&
-         N * K * in.x.element_size() <= kSmallWeightBytes && K % 32 == 0 && n_out % 8 == 0 &&
-         kernels::fm_smem(static_cast<int>((M + 15) / 16), static_cast<int>(K), in.x.element_size(), in.silu_mul) <=
-             static_cast<size_t>(kernels::kFmMaxSmem) &&
-         in.xl.row_stride < (int64_t(1) << 31) && cuda_glue::rows_aligned(in.x, in.xl.rows, in.xl.row_stride, 8) &&
-         (!in.residual || cuda_glue::rows_aligned(*in.residual, in.rl.rows, in.rl.row_stride, 8)) &&
-         (!in.norm_weight || cuda_glue::ptr_aligned(in.norm_weight->const_data_ptr(), 16)) &&
-         cuda_glue::ptr_aligned(in.weight.const_data_ptr(), 16) && in.weight.stride(0) % 8 == 0;
-}
-
-// out [..., N] ([..., N / 2] with the SiLU epilogue; and, for kAddRms, sum [..., K]) by the GEMV kernel, or by the
-// tensor-core form when `mma`.
+// out [..., N] ([..., N / 2] with the SiLU epilogue; and, for kAddRms, sum [..., K]) by the GEMV kernel.
 template <Prologue P>
-void launch(const char* op, const Inputs& in, at::Tensor& out, at::Tensor* sum, bool mma = false) {
+void launch(const char* op, const Inputs& in, at::Tensor& out, at::Tensor* sum) {
   const c10::cuda::CUDAGuard guard(in.x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   kernels::FusedLinearParams p{};
@@ -100,24 +79,6 @@ void launch(const char* op, const Inputs& in, at::Tensor& out, at::Tensor* sum, 
   p.eps = static_cast<float>(in.eps);
   const int sms = cuda_glue::sm_count(in.x.get_device());
   const bool pdl = cuda_glue::pdl_allowed();
-  if (mma) {
-    const cudaError_t err = HF_DTYPE_SWITCH(in.x.scalar_type(), T, [&] {
-      if constexpr (sizeof(T) != 2) {
-        return cudaErrorInvalidValue;  // mma_fits admits 16-bit types only
-      } else {
-        return HF_UPTO5_SWITCH((p.M + 15) / 16, kMT, [&] {
-          return HF_BOOL_SWITCH(in.bias.has_value(), kBias, [&] {
-            if constexpr (P == Prologue::kAddRms) {
-              if (in.silu_mul) return kernels::launch_fused_linear_mma<T, P, kMT, kBias, true>(p, sms, stream, pdl);
-            }
-            return kernels::launch_fused_linear_mma<T, P, kMT, kBias, false>(p, sms, stream, pdl);
-          });
-        });
-      }
-    });
-    TORCH_CHECK(err == cudaSuccess, "hydra_fast.", op, ": CUDA launch failed: ", cudaGetErrorString(err));
-    return;
-  }
   const cudaError_t err = HF_DTYPE_SWITCH(in.x.scalar_type(), T, [&] {
     return HF_POW2_UPTO8_SWITCH(p.M, kRows, [&] {
       return HF_BOOL_SWITCH(in.bias.has_value(), kBias, [&] {
@@ -134,10 +95,9 @@ void launch(const char* op, const Inputs& in, at::Tensor& out, at::Tensor* sum, 
 at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   const Inputs in{x, check_linear(x, weight, bias), nullptr, {}, nullptr, 0.0, weight, bias};
   TORCH_CHECK(x.is_cuda(), "hydra_fast.linear: x must be a CUDA tensor");
-  const bool gemv = gemv_fits(in), mma = !gemv && mma_fits(in);
-  if (!gemv && !mma) return composed::project(x, weight, bias);
+  if (!gemv_fits(in)) return composed::project(x, weight, bias);
   at::Tensor out = at::empty(composed::with_last(x, weight.size(0)), x.options());  // [..., N]
-  launch<Prologue::kNone>("linear", in, out, nullptr, mma);
+  launch<Prologue::kNone>("linear", in, out, nullptr);
   return out;
 }
 
@@ -147,10 +107,9 @@ at::Tensor rms_norm_linear_cuda(const at::Tensor& x, const at::Tensor& norm_weig
   const RowLayout xl = check_rms_norm_linear(x, norm_weight, eps, weight, bias);
   TORCH_CHECK(x.is_cuda(), "hydra_fast.", op, ": x must be a CUDA tensor");
   const Inputs in{x, xl, nullptr, {}, &norm_weight, eps, weight, bias};
-  const bool gemv = gemv_fits(in), mma = !gemv && mma_fits(in);
-  if (!gemv && !mma) return composed::rms_norm_linear(x, norm_weight, eps, weight, bias);
+  if (!gemv_fits(in)) return composed::rms_norm_linear(x, norm_weight, eps, weight, bias);
   at::Tensor out = at::empty(composed::with_last(x, weight.size(0)), x.options());  // [..., N]
-  launch<Prologue::kRms>(op, in, out, nullptr, mma);
+  launch<Prologue::kRms>(op, in, out, nullptr);
   return out;
 }
 
@@ -162,14 +121,11 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm_linear_cuda(const at::Tensor& x,
   const AddRmsNormLayout l = check_add_rms_norm_linear(x, residual, norm_weight, eps, weight, bias, silu_mul);
   TORCH_CHECK(x.is_cuda(), "hydra_fast.", op, ": x must be a CUDA tensor");
   const Inputs in{x, l.x, &residual, l.residual, &norm_weight, eps, weight, bias, silu_mul};
-  const bool gemv = gemv_fits(in), mma = !gemv && mma_fits(in);
-  if (!gemv && !mma) {
-    return composed::add_rms_norm_linear(x, residual, norm_weight, eps, weight, bias, silu_mul);
-  }
+  if (!gemv_fits(in)) return composed::add_rms_norm_linear(x, residual, norm_weight, eps, weight, bias, silu_mul);
   const int64_t n_out = silu_mul ? weight.size(0) / 2 : weight.size(0);
   at::Tensor out = at::empty(composed::with_last(x, n_out), x.options());  // [..., N] or [..., N / 2]
   at::Tensor sum = at::empty(x.sizes(), x.options());                     // [..., K]
-  launch<Prologue::kAddRms>(op, in, out, &sum, mma);
+  launch<Prologue::kAddRms>(op, in, out, &sum);
   return {out, sum};
 }
 

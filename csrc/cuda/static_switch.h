@@ -70,34 +70,6 @@
     }                                                                            \
   }()
 
-// VALUE in 1..5 as a compile-time constant (the 16-row tiles of the tensor-core fused linear form).
-#define HF_UPTO5_SWITCH(VALUE, CONST_NAME, ...)                                 \
-  [&] {                                                                         \
-    switch (VALUE) {                                                            \
-      case 1: {                                                                 \
-        constexpr static int CONST_NAME = 1;                                    \
-        return __VA_ARGS__();                                                   \
-      }                                                                         \
-      case 2: {                                                                 \
-        constexpr static int CONST_NAME = 2;                                    \
-        return __VA_ARGS__();                                                   \
-      }                                                                         \
-      case 3: {                                                                 \
-        constexpr static int CONST_NAME = 3;                                    \
-        return __VA_ARGS__();                                                   \
-      }                                                                         \
-      case 4: {                                                                 \
-        constexpr static int CONST_NAME = 4;                                    \
-        return __VA_ARGS__();                                                   \
-      }                                                                         \
-      default: {                                                                \
-        TORCH_CHECK((VALUE) == 5, "hydra_fast: switch value ", VALUE, " not in 1..5"); \
-        constexpr static int CONST_NAME = 5;                                    \
-        return __VA_ARGS__();                                                   \
-      }                                                                         \
-    }                                                                           \
-  }()
-
 // Register-array sizes: the smallest of 1, 2, 4, 8 that is >= VALUE (VALUE <= 8).
 #define HF_POW2_UPTO8_SWITCH(VALUE, CONST_NAME, ...) \
   [&] {                                              \

@@ -116,7 +116,7 @@ __device__ __forceinline__ void build_row(const FusedLinearParams& p, int m, T* 
 // whole CTA builds one row after another (its sum of squares reduced over the CTA); more: each warp builds rows
 // w, w + warps, ... on its own (reduced over the warp), so the rows are built side by side, not in turn.
 template <typename T, Prologue P>
-__device__ __forceinline__ void fused_linear_prologue(const FusedLinearParams& p, T* xs, int xs_stride) {
+__device__ __forceinline__ void fused_linear_prologue(const FusedLinearParams& p, T* xs) {
   __shared__ float warp_sums[kFlWarps];
   const int warps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (p.M < warps) {
@@ -129,10 +129,10 @@ __device__ __forceinline__ void fused_linear_prologue(const FusedLinearParams& p
       __syncthreads();  // warp_sums is reused by the next row
       return total;
     };
-    for (int m = 0; m < p.M; ++m) build_row<T, P, 2>(p, m, xs + m * xs_stride, threadIdx.x, blockDim.x, block_sum);
+    for (int m = 0; m < p.M; ++m) build_row<T, P, 2>(p, m, xs + m * p.K, threadIdx.x, blockDim.x, block_sum);
   } else {
     const auto lane_sum = [](float v) { return warp_sum(v); };
-    for (int m = warp; m < p.M; m += warps) build_row<T, P, 2>(p, m, xs + m * xs_stride, lane, 32, lane_sum);
+    for (int m = warp; m < p.M; m += warps) build_row<T, P, 2>(p, m, xs + m * p.K, lane, 32, lane_sum);
   }
   __syncthreads();
 }
@@ -175,7 +175,7 @@ __global__ void __launch_bounds__(kFlThreads, fl_min_ctas<kRows>()) fused_linear
   pdl_wait();  // x, the residual and the output buffers belong to the kernels before
   pdl_launch_dependents();
 
-  fused_linear_prologue<T, P>(p, xs, p.K);
+  fused_linear_prologue<T, P>(p, xs);
 
   for (int n = first; n < items; n += warps) {
     const T* w = weight + static_cast<int64_t>(n) * p.w_stride;
@@ -254,182 +254,6 @@ cudaError_t launch_fused_linear(const FusedLinearParams& p, int sms, cudaStream_
   const int64_t items = kSiluOut ? p.N / 2 : p.N;
   const int64_t want = ceil_div64(items, kFlThreads / 32);
   const int ctas = static_cast<int>(std::min<int64_t>(want, static_cast<int64_t>(sms) * std::max(per_sm, 1)));
-  return launch_kernel(kernel, dim3(ctas), dim3(kFlThreads), smem, stream, pdl, p);
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// The tensor-core form, for the 9-80 rows of a draft tree on a small weight (a launch-bound step: SmolLM2's tree
-// step spent ~4 us in each cuBLAS product plus ~2 us in each separate norm and SiLU-mul kernel). The prologue is the
-// GEMV's (the rows built in shared memory, zero rows up to a multiple of 16), then one CTA item at a time takes 8
-// output features (with the SiLU epilogue: gate rows n..n+7 and up rows I+n..I+n+7): its 4 warps split K into
-// interleaved 32-wide steps, each lane streams 16 bytes of its weight row per step (row n + g, columns 8t..8t+7;
-// g = lane / 4, t = lane % 4) and multiplies them with every 16-row tile of inputs on the tensor cores
-// (mma.sync m16n8k16, fp32 accumulation). The 32 columns of a step go to two products in a permuted order: the one
-// sums columns 8t..8t+3, the other 8t+4..8t+7 (fragment k indices 2t, 2t+1, 2t+8, 2t+9 of each), which only
-// reorders the sum, so A fragments are plain 16-byte loads of the same columns. The warps' partial tiles are summed
-// in shared memory in a fixed order and the epilogue rounds as the GEMV's does.
-constexpr int kFmMaxTiles = 5;                 // 16-row tiles: up to 80 rows
-constexpr int kFmMinRows = kFlMaxRows + 1;     // fewer rows take the GEMV
-constexpr int kFmMaxSmem = 160 * 1024;
-constexpr int kFmUnroll = 4;                    // weight vectors in flight per lane
-
-// Row stride (elements) of the input rows in shared memory: K plus a pad that makes it 64 bytes mod 128, so the
-// 16-byte loads of a quarter warp (2 rows x 4 column groups) fall in 8 distinct 4-bank groups.
-__host__ __device__ inline int fm_row_stride(int K, int elem) {
-  const int bytes = K * elem;
-  return K + ((64 - bytes % 128 + 128) % 128) / elem;
-}
-
-// Dynamic shared memory of the tensor-core form, in bytes: the input rows, then the warps' partial tiles.
-inline size_t fm_smem(int tiles, int K, size_t elem, bool silu) {
-  const size_t rows = size_t(tiles) * 16 * fm_row_stride(K, static_cast<int>(elem)) * elem;
-  return rows + size_t(kFlWarps) * (silu ? 2 : 1) * tiles * 4 * 32 * sizeof(float);
-}
-
-template <typename T, Prologue P, int kMT, bool kBias, bool kSiluOut>
-__global__ void __launch_bounds__(kFlThreads) fused_linear_mma_kernel(const FusedLinearParams p) {
-  constexpr int kR = kSiluOut ? 2 : 1;
-  constexpr int kU = kFmUnroll / kR;  // k-steps in flight per warp: kFmUnroll weight vectors per lane in all
-  constexpr int kVec = 16 / sizeof(T);
-  static_assert(kVec == 8, "16-bit types only");
-  extern __shared__ __align__(16) unsigned char fl_smem[];
-  const int KS = fm_row_stride(p.K, sizeof(T));
-  T* xs = reinterpret_cast<T*>(fl_smem);                                                    // [16 kMT][KS]
-  float* red = reinterpret_cast<float*>(fl_smem + size_t(kMT) * 16 * KS * sizeof(T));      // [warps][kR][kMT][4][32]
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const int n_out = kSiluOut ? p.N / 2 : p.N;  // output features
-  const int items = n_out / 8;
-  const int64_t pair = kSiluOut ? static_cast<int64_t>(n_out) * p.w_stride : 0;  // gate row n -> up row I + n
-  const T* weight = static_cast<const T*>(p.weight);
-  const int ksteps = p.K / 32;
-
-  // This CTA's first weight rows into L2 while the kernel before finishes and the prologue runs (hints).
-  if (blockIdx.x < items) {
-    const int lines = (p.K * static_cast<int>(sizeof(T)) + 127) / 128;
-    for (int i = threadIdx.x; i < 8 * kR * lines; i += blockDim.x) {
-      const int row = i / lines, line = i % lines;
-      const T* w = weight + static_cast<int64_t>(blockIdx.x * 8 + row % 8) * p.w_stride + (row / 8) * pair;
-      prefetch_l2(reinterpret_cast<const char*>(w) + line * 128);
-    }
-  }
-  pdl_wait();  // x, the residual and the output buffers belong to the kernels before
-  pdl_launch_dependents();
-
-  fused_linear_prologue<T, P>(p, xs, KS);  // rows 0 .. M-1 (ends with __syncthreads)
-  for (int m = p.M + warp; m < kMT * 16; m += kFlWarps) {  // zero rows up to the tile edge
-    for (int j = lane * kVec; j < p.K; j += 32 * kVec) *reinterpret_cast<uint4*>(xs + m * KS + j) = make_uint4(0, 0, 0, 0);
-  }
-  __syncthreads();
-
-  for (int item = blockIdx.x; item < items; item += gridDim.x) {
-    const int n0 = item * 8;
-    const T* wrow = weight + static_cast<int64_t>(n0 + g) * p.w_stride + 8 * t;
-    float acc[kR][kMT][4];
-#pragma unroll
-    for (int r = 0; r < kR; ++r) {
-#pragma unroll
-      for (int mt = 0; mt < kMT; ++mt) acc[r][mt][0] = acc[r][mt][1] = acc[r][mt][2] = acc[r][mt][3] = 0.0f;
-    }
-    for (int ks0 = warp; ks0 < ksteps; ks0 += kFlWarps * kU) {
-      uint4 wv[kR][kU];
-#pragma unroll
-      for (int u = 0; u < kU; ++u) {
-        const int ks = ks0 + u * kFlWarps;
-#pragma unroll
-        for (int r = 0; r < kR; ++r) {
-          if (ks < ksteps) {
-            const Vec<T, kVec> v = load_stream<T, kVec>(wrow + r * pair + ks * 32);
-            wv[r][u] = *reinterpret_cast<const uint4*>(&v);
-          }
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < kU; ++u) {
-        const int ks = ks0 + u * kFlWarps;
-        if (ks < ksteps) {
-#pragma unroll
-          for (int mt = 0; mt < kMT; ++mt) {
-            const T* xr = xs + (mt * 16 + g) * KS + ks * 32 + 8 * t;
-            const uint4 lo = *reinterpret_cast<const uint4*>(xr);           // row g
-            const uint4 hi = *reinterpret_cast<const uint4*>(xr + 8 * KS);  // row g + 8
-            const uint32_t a0[4] = {lo.x, hi.x, lo.y, hi.y};  // columns 8t..8t+3
-            const uint32_t a1[4] = {lo.z, hi.z, lo.w, hi.w};  // columns 8t+4..8t+7
-#pragma unroll
-            for (int r = 0; r < kR; ++r) {
-              mma_16816<T>(acc[r][mt], a0, wv[r][u].x, wv[r][u].y);
-              mma_16816<T>(acc[r][mt], a1, wv[r][u].z, wv[r][u].w);
-            }
-          }
-        }
-      }
-    }
-    // The warps' partial tiles, summed in a fixed order by the warp that owns the tile.
-#pragma unroll
-    for (int r = 0; r < kR; ++r) {
-#pragma unroll
-      for (int mt = 0; mt < kMT; ++mt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) red[(((warp * kR + r) * kMT + mt) * 4 + e) * 32 + lane] = acc[r][mt][e];
-      }
-    }
-    __syncthreads();
-    const T* bias = static_cast<const T*>(p.bias);
-    T* out = static_cast<T*>(p.out);
-    for (int mt = warp; mt < kMT; mt += kFlWarps) {
-      float v[kR][4];
-#pragma unroll
-      for (int r = 0; r < kR; ++r) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          float sum = 0.0f;
-#pragma unroll
-          for (int w = 0; w < kFlWarps; ++w) sum += red[(((w * kR + r) * kMT + mt) * 4 + e) * 32 + lane];
-          v[r][e] = sum;
-        }
-      }
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {  // rows g and g + 8 of the tile
-        const int m = mt * 16 + g + 8 * h;
-        if (m < p.M) {
-          float o[2];
-#pragma unroll
-          for (int c = 0; c < 2; ++c) {
-            const int n = n0 + 2 * t + c;
-            float y[kR];  // the product's values, rounded to T
-#pragma unroll
-            for (int r = 0; r < kR; ++r) {
-              const float a = v[r][2 * h + c];
-              y[r] = round_to<T>(kBias ? __fadd_rn(a, to_float(bias[n + r * n_out])) : a);
-            }
-            o[c] = kSiluOut ? silu_mul_value<T>(y[0], y[kR - 1]) : y[0];
-          }
-          *reinterpret_cast<uint32_t*>(out + static_cast<int64_t>(m) * n_out + n0 + 2 * t) = pack2<T>(o[0], o[1]);
-        }
-      }
-    }
-    __syncthreads();  // red is rewritten by the next item
-  }
-}
-
-template <typename T, Prologue P, int kMT, bool kBias, bool kSiluOut>
-cudaError_t launch_fused_linear_mma(const FusedLinearParams& p, int sms, cudaStream_t stream, bool pdl) {
-  if (p.M == 0 || p.N == 0) return cudaSuccess;
-  const int n_out = kSiluOut ? p.N / 2 : p.N;
-  if (sizeof(T) != 2 || p.M > kMT * 16 || p.K % 32 != 0 || (kSiluOut && p.N % 2 != 0) || n_out % 8 != 0) {
-    return cudaErrorInvalidValue;
-  }
-  const size_t smem = fm_smem(kMT, p.K, sizeof(T), kSiluOut);
-  if (smem > static_cast<size_t>(kFmMaxSmem)) return cudaErrorInvalidConfiguration;
-  const auto kernel = fused_linear_mma_kernel<T, P, kMT, kBias, kSiluOut>;
-  cudaError_t err = cudaSuccess;
-  if (smem > 48 * 1024) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-  }
-  int per_sm = 0;  // resident CTAs per SM: the grid is at most one wave of them
-  err = occupancy_per_sm(reinterpret_cast<const void*>(kernel), kFlThreads, smem, &per_sm);
-  if (err != cudaSuccess) return err;
-  const int ctas = std::min(n_out / 8, sms * std::max(per_sm, 1));
   return launch_kernel(kernel, dim3(ctas), dim3(kFlThreads), smem, stream, pdl, p);
 }
 
