@@ -176,8 +176,7 @@ class DraftVocab(nn.Module):
             weight, bias = self.prepare(slot, lm_head)
         return linear(x, weight, bias)
 
-    def topk(self, slot: int, x: torch.Tensor, lm_head: nn.Module, k: int, impl) -> torch.Tensor:
-        """Token ids [R, k] of the k largest compact logits of x [R, d] (real ids, not draft positions; ties: the
-        lower draft position), picked by ``impl.topk_rows`` (impl: the ops module, ``ops.implementation``)."""
-        positions = impl.topk_rows(self.logits(slot, x, lm_head), k)[1]  # [R, k] in 0..V'-1
+    def topk(self, slot: int, x: torch.Tensor, lm_head: nn.Module, k: int) -> torch.Tensor:
+        """Token ids [R, k] of the k largest compact logits of x [R, d] (real ids, not draft positions)."""
+        positions = torch.topk(self.logits(slot, x, lm_head), k, dim=-1).indices  # [R, k] in 0..V'-1
         return self.ids[positions]
