@@ -33,8 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C  # noqa: E402
-from decode_methods import (HF_METHODS, OUR_KINDS, Method, hf_method, load_prompts, our_method,  # noqa: E402
-                            resolve_heads, step_kernels, tiny_random_model)
+from decode_methods import (HF_METHODS, OUR_KINDS, Method, hf_method, load_base, load_prompts,  # noqa: E402
+                            our_method, resolve_heads, step_kernels)
 from decode_report import check_targets, render_md, summarize, write_answers, write_plot  # noqa: E402
 
 from hydra_fast.tree_search import grown_tree  # noqa: E402
@@ -241,19 +241,8 @@ def main(argv=None) -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     tree = parse_tree(args.tree)
 
-    tok = None
     report_notes: dict[str, str] = {}
-    if args.tiny_random:
-        base, model_id = tiny_random_model(device, dtype), "tiny-random-llama"
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from hydra_fast import hub
-
-        path = Path(args.model) if args.model else hub.default_model_path()
-        tok = AutoTokenizer.from_pretrained(path)
-        base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-        model_id = path.name
+    base, tok, model_id = load_base(args, device, dtype)
     prompts, categories = load_prompts(args, tok, report_notes)
     hf_prompts = len(prompts) if args.hf_prompts is None else args.hf_prompts
     from hydra_fast.tree import Tree

@@ -41,6 +41,20 @@ def tiny_random_model(device, dtype):
     return base
 
 
+def load_base(args, device, dtype):
+    """(base model, tokenizer or None, model id): --tiny-random's tiny Llama, else --model (default: the default
+    model) with its tokenizer."""
+    if args.tiny_random:
+        return tiny_random_model(device, dtype), None, "tiny-random-llama"
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hydra_fast import hub
+
+    path = Path(args.model) if args.model else hub.default_model_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval(), tok, path.name
+
+
 def prompt_text(row: dict, where: str) -> str:
     """A prompt row's text: MT-Bench's first turn ("turns") or "prompt"."""
     if row.get("turns"):

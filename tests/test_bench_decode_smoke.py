@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import needs_extension
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -143,3 +145,24 @@ def test_greedy_tree_is_valid():
     for n in (1, 2, 4, 8, 16, 32, 64, 128):
         tree = Tree.from_choices(greedy_tree(n))  # raises if a node's parent is missing
         assert tree.num_nodes == n and tree.max_depth <= 4
+
+
+@needs_extension  # the rows named are the extension's ops
+def test_profile_decode_tiny_random_cpu(tmp_path):
+    # the per-op profile of real generate() calls: steps and tokens counted, rows per step, our ops among them
+    out = tmp_path / "profile.json"
+    proc = _run([str(REPO / "bench" / "profile_decode.py"), "--tiny-random", "--device", "cpu", "--threads", "1",
+                 "--kind", "hydra", "--tree", "tiny", "--context-draft", "2", "--num-prompts", "3",
+                 "--max-new-tokens", "8", "--top", "5", "--json", str(out)], timeout=900)
+    assert "| us / step | calls / step | share | name |" in proc.stdout and out.with_suffix(".md").exists()
+    report = json.loads(out.read_text())
+    assert report["meta"]["kind"] == "hydra" and report["meta"]["context_draft"] == 2
+    assert report["new_tokens"] == 3 * 8 and 0 < report["steps"] <= report["new_tokens"]
+    assert report["tau"] == report["new_tokens"] / report["steps"]
+    rows = report["rows"]
+    assert rows and all(r["us_per_step"] >= 0 and r["calls_per_step"] > 0 for r in rows)
+    assert [r["us_per_step"] for r in rows] == sorted((r["us_per_step"] for r in rows), reverse=True)
+    names = {r["name"] for r in rows}
+    assert {"hydra_fast::tree_attention", "hydra_fast::draft_head_mlp"} <= names, sorted(names)[:20]
+    total = report["time_us_per_step"]
+    assert abs(sum(r["us_per_step"] for r in rows) - total) <= 1e-6 * total + 1e-6
