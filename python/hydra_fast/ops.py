@@ -221,7 +221,7 @@ def dynamic_tree_layout(score, parent, candidate_depth, nodes: int, context_len:
 def topk_rows(x, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's k largest values: x [..., V] (float32/float16/bfloat16), 1 <= k <= V -> (values [..., k] in x's
     dtype, indices int64 [..., k]), by value descending, ties to the lower index, NaN above every number (the
-    order of a stable descending sort). CUDA: one CTA per row for k <= 32, else a full sort of the rows."""
+    order of a stable descending sort). CUDA: one CTA per row for k <= 32, else a sort of exact order keys."""
     return _require().topk_rows(x, k)
 
 
