@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     args.reference_ops = False
     from torch.profiler import ProfilerActivity, profile
 
-    from hydra_fast.model import HydraModel
+    from hydra_fast.model import HydraModel, resolve_tree
 
     notes: dict[str, str] = {}
     base, tok, model_id = load_base(args, device, dtype)
@@ -92,7 +92,9 @@ def main(argv=None) -> int:
     heads, heads_label = (None, "none") if kind is None else resolve_heads(kind, base, args, notes)
     longest = max(ids.shape[1] for ids in prompts)
     max_cache_len = (longest + args.max_new_tokens + 64 + args.context_draft + 8 + 63) // 64 * 64
-    model = HydraModel(base, heads, tree=args.tree, max_cache_len=max_cache_len, cuda_graph=not args.no_cuda_graph)
+    # "auto": the heads folder's tree for this device, as from_pretrained and bench_decode resolve it
+    tree = resolve_tree(args.tree, Path(heads_label) if heads_label not in ("untrained", "none") else None, device)
+    model = HydraModel(base, heads, tree=tree, max_cache_len=max_cache_len, cuda_graph=not args.no_cuda_graph)
     gen = dict(max_new_tokens=args.max_new_tokens, context_draft=args.context_draft, return_dict_in_generate=True)
 
     for ids in prompts[:2]:  # warm-up: graph capture for the prompt lengths seen first, lazy builds
