@@ -9,8 +9,10 @@
 #                  repeat it to benchmark several collections, one bench_decode run each
 #   --prompts FILE prompts jsonl: {"turns": [...]} (MT-Bench) or {"category": ..., "prompt": ...}
 #                  (default: ../shared/data/mt_bench.jsonl when present, else bench_decode's built-in prompts)
-#   --stages LIST  comma list of build,test,slowtest,decode,step,ops (default: all but slowtest, in that order;
-#                  slowtest: the CUDA tests marked slow, e.g. SmolLM2 fp32 on all 80 MT-Bench first turns)
+#   --stages LIST  comma list of build,test,slowtest,decode,step,ops,profile (default: all but slowtest and
+#                  profile, in that order; slowtest: the CUDA tests marked slow, e.g. SmolLM2 fp32 on all 80
+#                  MT-Bench first turns; profile: kernel time per step by kernel name of plain decoding and of
+#                  Hydra++ with an 8-token context chain, bench/profile_decode.py, 8 prompts, HYDRA_FAST_PDL=0)
 #   OUT            output folder: one log per stage, the benchmarks' JSON/Markdown, machine.txt, stages.txt
 #
 # Environment: MAX_JOBS (build jobs, default 16), HYDRA_FAST_CUDA_ARCHS (default 90), CXX / CUDAHOSTCXX
@@ -19,6 +21,8 @@
 # all, each of ours also compiled), MAX_NEW_TOKENS (default 128), DECODE_S /
 # STEP_S / OPS_S (each benchmark's deadline in seconds: 900 / 400 / 600), TAU_JSON (a bench_decode JSON whose
 # measured tau bench_step projects with; default: this OUT's bench_decode.json when the decode stage ran).
+# Switches such as HYDRA_FAST_PDL=0 or HYDRA_FAST_ATTN_CLUSTER=0 apply to every stage: run the script once with and
+# once without one (two OUT folders) for an A/B on the same machine.
 # Copy bandwidth and matmul rate are measured in the same run by bench_step and bench_ops (their JSON "meta").
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -38,8 +42,8 @@ while [ $# -gt 0 ]; do
 done
 [ -n "${OUT:-}" ] || { echo "usage: $0 [--model DIR] [--heads DIR]... [--prompts FILE] [--stages LIST] OUT" >&2; exit 2; }
 for s in ${STAGES//,/ }; do
-  case "$s" in build|test|slowtest|decode|step|ops) ;;
-    *) echo "unknown stage $s: choose from build,test,slowtest,decode,step,ops" >&2; exit 2 ;; esac
+  case "$s" in build|test|slowtest|decode|step|ops|profile) ;;
+    *) echo "unknown stage $s: choose from build,test,slowtest,decode,step,ops,profile" >&2; exit 2 ;; esac
 done
 [ -z "$MODEL" ] || [ -f "$MODEL/config.json" ] || { echo "--model $MODEL: no config.json there (an HF model folder)" >&2; exit 2; }
 for h in "${HEADS[@]}"; do [ -d "$h" ] || { echo "--heads $h is not a folder" >&2; exit 2; }; done
@@ -82,7 +86,7 @@ for s in ${STAGES//,/ }; do
     ;;
   test)
     # two processes: a crash in the bad-input tests must not hide the other results
-    stage test python3 -m pytest -q -rfE -p no:cacheprovider -m "cuda and not slow" tests/test_ops.py tests/test_cuda_engine.py \
+    stage test python3 -m pytest -q -rfE -p no:cacheprovider -m "cuda and not slow" tests/ \
       -k "not bad_inputs and not device_mismatch" --junitxml "$OUT/test.xml" || failed=1
     stage test_bad_inputs python3 -m pytest -q -rfE -p no:cacheprovider -m cuda tests/test_ops.py \
       -k "bad_inputs or device_mismatch" --junitxml "$OUT/test_bad_inputs.xml" || failed=1
@@ -110,6 +114,15 @@ for s in ${STAGES//,/ }; do
     tau=${TAU_JSON:-}; [ -z "$tau" ] && [ -f "$OUT/bench_decode.json" ] && tau=$OUT/bench_decode.json
     stage bench_step python3 bench/bench_step.py --compile --json "$OUT/bench_step.json" \
       ${tau:+--tau-json "$tau"} --deadline-s "${STEP_S:-400}" || failed=1
+    ;;
+  profile)
+    for kind in plain hydra++; do
+      ctx=0; [ "$kind" = plain ] || ctx=8
+      stage "profile_${kind//+/p}" env HYDRA_FAST_PDL=0 python3 bench/profile_decode.py "${model_args[@]}" \
+        "${prompt_args[@]}" ${HEADS[0]:+--heads-dir "${HEADS[0]}"} --kind "$kind" --tree auto --context-draft "$ctx" \
+        --num-prompts 8 \
+        --max-new-tokens "${MAX_NEW_TOKENS:-128}" --json "$OUT/profile_${kind//+/p}.json" || failed=1
+    done
     ;;
   ops)
     stage bench_ops python3 bench/bench_ops.py --device cuda --json "$OUT/bench_ops.json" --md "$OUT/bench_ops.md" \
