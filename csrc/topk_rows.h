@@ -17,8 +17,8 @@ struct TopkRowsIO {
   at::Tensor values, indices;  // [..., k] each
 };
 
-inline TopkRowsIO topk_rows_io(const at::Tensor& x, int64_t k) {
-  const std::optional<RowLayout> layout = check_topk_rows(x, k);
+// layout: check_topk_rows(x, k)'s answer (the caller checks first).
+inline TopkRowsIO topk_rows_io(const at::Tensor& x, int64_t k, const std::optional<RowLayout>& layout) {
   const int64_t V = x.size(-1);
   std::vector<int64_t> shape = x.sizes().vec();
   shape.back() = k;

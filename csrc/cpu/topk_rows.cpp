@@ -26,7 +26,7 @@ inline bool ranks_before(float va, int64_t a, float vb, int64_t b) {
 }
 
 std::tuple<at::Tensor, at::Tensor> topk_rows_cpu(const at::Tensor& x, int64_t k) {
-  const TopkRowsIO io = topk_rows_io(x, k);
+  const TopkRowsIO io = topk_rows_io(x, k, check_topk_rows(x, k));
   const int64_t V = x.size(-1);
   const RowLayout xl = io.layout;
   at::Tensor values = io.values, indices = io.indices;

@@ -33,15 +33,25 @@ inline int sm_count(int device) {
   return n;
 }
 
+// An on-by-default switch of the environment: off when `name` is set to "0". Callers read it once per process.
+inline bool env_switch_on(const char* name) {
+  const char* v = std::getenv(name);
+  return v == nullptr || std::strcmp(v, "0") != 0;
+}
+
 // Whether the fused step's kernels may launch with programmatic dependent launch: unless the environment sets
 // HYDRA_FAST_PDL=0 (read once per process; a switch for debugging tools and for measuring what it saves). Whether
 // a device can is kernels::launch_kernel's question (the kernel's code must come from sm_90+ PTX, which only an
 // sm_90+ device runs).
 inline bool pdl_allowed() {
-  static const bool allowed = [] {
-    const char* v = std::getenv("HYDRA_FAST_PDL");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
+  static const bool allowed = env_switch_on("HYDRA_FAST_PDL");
+  return allowed;
+}
+
+// Whether tree attention may merge its KV chunks inside thread-block clusters: unless HYDRA_FAST_ATTN_CLUSTER=0
+// (read once per process: a switch for measuring it and for testing the combine kernel on the same inputs).
+inline bool attn_cluster_allowed() {
+  static const bool allowed = env_switch_on("HYDRA_FAST_ATTN_CLUSTER");
   return allowed;
 }
 

@@ -43,11 +43,11 @@ std::tuple<at::Tensor, at::Tensor> sorted_by_keys(const at::Tensor& x, int64_t k
 
 std::tuple<at::Tensor, at::Tensor> topk_rows_cuda(const at::Tensor& x, int64_t k) {
   TORCH_CHECK(x.is_cuda(), "hydra_fast.topk_rows: x must be a CUDA tensor");
-  check_topk_rows(x, k);
+  const std::optional<RowLayout> layout = check_topk_rows(x, k);
   const int64_t V = x.size(-1);
   const c10::cuda::CUDAGuard guard(x.device());
   if (k > kMaxKernelK || V > std::numeric_limits<int32_t>::max()) return sorted_by_keys(x, k);
-  const TopkRowsIO io = topk_rows_io(x, k);
+  const TopkRowsIO io = topk_rows_io(x, k, layout);
   const RowLayout xl = io.layout;
   if (xl.rows == 0) return {io.values, io.indices};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

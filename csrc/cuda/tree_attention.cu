@@ -4,8 +4,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 
 #include "checks.h"
 #include "glue.h"
@@ -35,16 +33,11 @@ cudaError_t launch_mma(const kernels::TreeAttnParams& p, cudaStream_t stream, bo
   }
 }
 
-// Whether the fast path's chunks merge inside clusters (sm_90+ code, 2-8 chunks; HYDRA_FAST_ATTN_CLUSTER=0 turns
-// it off, read once per process: a switch for measuring it and for testing the combine kernel on the same inputs).
+// Whether the fast path's chunks merge inside clusters (sm_90+ code, 2-8 chunks, cuda_glue::attn_cluster_allowed).
 template <typename T>
 bool mma_clusters(int D, int num_chunks) {
-  static const bool allowed = [] {
-    const char* v = std::getenv("HYDRA_FAST_ATTN_CLUSTER");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
   if constexpr (sizeof(T) == 2) {
-    return allowed && HF_HEADDIM_SWITCH(D, kD, [&] { return kernels::tree_attn_mma_clusters<T, kD>(num_chunks); });
+    return cuda_glue::attn_cluster_allowed() && HF_HEADDIM_SWITCH(D, kD, [&] { return kernels::tree_attn_mma_clusters<T, kD>(num_chunks); });
   } else {
     return false;
   }

@@ -131,17 +131,36 @@ __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefe
 // only, JIT-compiled from its PTX on a newer GPU, has a newer binary version but no-op waits, and must launch
 // neither with the programmatic attribute nor in clusters. Every kernel of the extension is built for the same
 // architectures, so the answer is kept per device.
-inline bool code_from_sm90(const void* kernel) {
+// A yes/no answer about the current device, computed by `ask` the first time and then read from `slots` (one per
+// device, 0 unknown, 1 no, 2 yes); false without a current device among the first 64.
+template <typename Ask>
+bool per_device_answer(std::array<std::atomic<int>, 64>& slots, Ask&& ask) {
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) return false;
-  static std::array<std::atomic<int>, 64> cache{};  // 0 unknown, 1 no, 2 yes
-  int v = cache[device].load(std::memory_order_relaxed);
+  int v = slots[device].load(std::memory_order_relaxed);
   if (v == 0) {
-    cudaFuncAttributes a{};
-    v = cudaFuncGetAttributes(&a, kernel) == cudaSuccess && a.ptxVersion >= 90 ? 2 : 1;
-    cache[device].store(v, std::memory_order_relaxed);
+    v = ask() ? 2 : 1;
+    slots[device].store(v, std::memory_order_relaxed);
   }
   return v == 2;
+}
+
+inline bool code_from_sm90(const void* kernel) {
+  static std::array<std::atomic<int>, 64> slots{};
+  return per_device_answer(slots, [&] {
+    cudaFuncAttributes a{};
+    return cudaFuncGetAttributes(&a, kernel) == cudaSuccess && a.ptxVersion >= 90;
+  });
+}
+
+// The launch attribute that groups `x` consecutive CTAs along x into a thread-block cluster.
+inline cudaLaunchAttribute cluster_attribute(unsigned x) {
+  cudaLaunchAttribute a{};
+  a.id = cudaLaunchAttributeClusterDimension;
+  a.val.clusterDim.x = x;
+  a.val.clusterDim.y = 1;
+  a.val.clusterDim.z = 1;
+  return a;
 }
 
 // Launch `kernel` on `stream`, with the programmatic-stream-serialization attribute when `pdl` and the kernel's
@@ -163,12 +182,7 @@ cudaError_t launch_kernel_in_clusters(void (*kernel)(KernelArgs...), dim3 grid, 
     attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attr[n++].val.programmaticStreamSerializationAllowed = 1;
   }
-  if (cluster_x > 1) {
-    attr[n].id = cudaLaunchAttributeClusterDimension;
-    attr[n].val.clusterDim.x = cluster_x;
-    attr[n].val.clusterDim.y = 1;
-    attr[n++].val.clusterDim.z = 1;
-  }
+  if (cluster_x > 1) attr[n++] = cluster_attribute(cluster_x);
   cfg.attrs = attr;
   cfg.numAttrs = n;
   return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);

@@ -631,31 +631,21 @@ bool tree_attn_mma_clusters(int num_chunks) {
   if (num_chunks < 2 || num_chunks > kMaxClusterChunks || !code_from_sm90(reinterpret_cast<const void*>(K::clustered))) {
     return false;
   }
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) return false;
-  static std::array<std::array<std::atomic<int>, kMaxClusterChunks + 1>, 64> cache{};  // 0 unknown, 1 no, 2 yes
-  std::atomic<int>& slot = cache[device][num_chunks];
-  int v = slot.load(std::memory_order_relaxed);
-  if (v == 0) {
+  static std::array<std::array<std::atomic<int>, 64>, kMaxClusterChunks + 1> slots{};  // per size, per device
+  return per_device_answer(slots[num_chunks], [&] {
     cudaLaunchConfig_t cfg{};
     cfg.gridDim = dim3(num_chunks);
     cfg.blockDim = dim3(K::Cfg::kThreads);
     cfg.dynamicSmemBytes = K::Cfg::kSmemBytes;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = num_chunks;
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
+    cudaLaunchAttribute attr[1] = {cluster_attribute(static_cast<unsigned>(num_chunks))};
     cfg.attrs = attr;
     cfg.numAttrs = 1;
     int clusters = 0;
     const bool ok = K::prepare() == cudaSuccess &&
                     cudaOccupancyMaxActiveClusters(&clusters, K::clustered, &cfg) == cudaSuccess && clusters > 0;
     if (!ok) (void)cudaGetLastError();  // a refused query leaves no sticky error behind
-    v = ok ? 2 : 1;
-    slot.store(v, std::memory_order_relaxed);
-  }
-  return v == 2;
+    return ok;
+  });
 }
 
 // CTAs of the launch that fit on one multiprocessor at once (for the chunk choice).
