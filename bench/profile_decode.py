@@ -23,17 +23,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C  # noqa: E402
 from decode_methods import OUR_KINDS, load_base, load_prompts, resolve_heads  # noqa: E402
+from step_profile import top_level  # noqa: E402
 
 OPS = ("aten::", "hydra_fast::")
-
-
-def _under_op(evt) -> bool:
-    parent = evt.cpu_parent
-    while parent is not None:
-        if parent.name.startswith(OPS):
-            return True
-        parent = parent.cpu_parent
-    return False
 
 
 def kernel_table(prof, cuda: bool) -> dict[str, list]:
@@ -46,7 +38,7 @@ def kernel_table(prof, cuda: bool) -> dict[str, list]:
                 continue
             us = evt.device_time_total
         else:
-            if not evt.name.startswith(OPS) or _under_op(evt):
+            if not top_level(evt, OPS):
                 continue
             us = evt.cpu_time_total
         row = table.setdefault(evt.name, [0, 0.0])

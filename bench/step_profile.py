@@ -25,7 +25,7 @@ def kernels_per_step(step, device: torch.device) -> dict:
         if cuda:
             if evt.device_type != torch.autograd.DeviceType.CUDA or evt.name.startswith(("Memcpy", "Memset")):
                 continue
-        elif not evt.name.startswith("aten::") or _under_aten(evt):
+        elif not top_level(evt, ("aten::",)):
             continue
         names[evt.name] = names.get(evt.name, 0) + 1
     top = sorted(names.items(), key=lambda kv: -kv[1])[:5]
@@ -33,10 +33,13 @@ def kernels_per_step(step, device: torch.device) -> dict:
                 top=[dict(name=n[:80], count=c) for n, c in top])
 
 
-def _under_aten(evt) -> bool:
+def top_level(evt, prefixes: tuple[str, ...]) -> bool:
+    """Whether a CPU event is an op named with one of `prefixes` that no other such op called."""
+    if not evt.name.startswith(prefixes):
+        return False
     parent = evt.cpu_parent
     while parent is not None:
-        if parent.name.startswith("aten::"):
-            return True
+        if parent.name.startswith(prefixes):
+            return False
         parent = parent.cpu_parent
-    return False
+    return True
