@@ -206,8 +206,8 @@ def calibrate(model, prompts: list[torch.Tensor], budgets=None, depths=(1, 2, 3,
     the machine (a shared CPU, clocks) does not fall on one candidate alone.
 
     ``budgets``: node budgets (default ``node_budgets(context_draft)``). ``context_draft``: the context chain the
-    tree will run with (recorded in the returned choice); every candidate but the root-only one is timed with its rows (the expected tokens are the
-    heads' alone: what the chain adds depends on the text, not on the tree).
+    tree will run with (recorded in the returned choice); every candidate but the root-only one is timed with its
+    rows (the expected tokens are the heads' alone: what the chain adds depends on the text, not on the tree).
     ``dynamic``: dynamic tree specs to weigh beside the static trees. A dynamic tree's shape changes every step,
     so its tokens per step are measured by decoding the same prompts with it (``measure_tau``), not predicted."""
     if model.heads is None:
