@@ -136,8 +136,8 @@ class DynamicOracleHeads(OracleHeads):
         super().__init__(real_heads, sequences, wrong_after)
         self.heads = torch.nn.ModuleList(_RecordingHead(h) for h in real_heads.heads)
 
-    def draft_scores(self, i, x, base_lm_head, k):
-        logp, _ = self.real.draft_scores(i, x, base_lm_head, k)
+    def draft_scores(self, i, x, base_lm_head, k, impl=None):
+        logp, _ = self.real.draft_scores(i, x, base_lm_head, k, *([] if impl is None else [impl]))
         R, depth = x.shape[0], i + 1
         B = self.lens.shape[0]
         b = torch.arange(R, device=x.device) // (R // B)  # row -> sequence (frontier rows are contiguous)

@@ -178,3 +178,24 @@ def test_bad_inputs(device, shape, dtype, k, match):
 def test_reference_refuses_bad_k():
     with pytest.raises(ValueError, match=r"k must be in \[1, V = 10\]"):
         reference.topk_rows(torch.ones(2, 10), 11)
+
+
+@pytest.mark.parametrize("V, k", [(83, 5), (ops.TOPK_ROWS_MAX_WIDTH, 5), (ops.TOPK_ROWS_MAX_WIDTH + 1, 5),
+                                  (83, ops.TOPK_ROWS_MAX_K + 1)])
+def test_row_topk_picks_the_kernel_for_narrow_cuda_rows(device, monkeypatch, V, k):
+    """row_topk (the draft's top-k): topk_rows' exact answer for CUDA rows up to TOPK_ROWS_MAX_WIDTH columns and k
+    up to TOPK_ROWS_MAX_K with the kernels, torch.topk's otherwise (the reference ops, the CPU, wider rows, larger
+    k or HYDRA_FAST_TOPK_ROWS=0). Rows without ties, so torch.topk's answer is defined too."""
+    x = torch.randperm(4 * V, generator=generator(seed_of("row_topk", V))).view(4, V).float().to(device)
+    impl = ops.implementation(device)
+    want_kernel = impl is not reference and x.is_cuda and V <= ops.TOPK_ROWS_MAX_WIDTH and k <= ops.TOPK_ROWS_MAX_K
+    calls = []
+    real = ops.topk_rows
+    monkeypatch.setattr(ops, "topk_rows", lambda *a: calls.append(1) or real(*a))
+    values, indices = ops.row_topk(x, k, impl)
+    top = torch.topk(x, k, dim=-1)
+    assert torch.equal(values, top.values) and torch.equal(indices, top.indices)
+    assert len(calls) == int(want_kernel)
+    monkeypatch.setattr(ops, "TOPK_ROWS_ON", False)
+    ops.row_topk(x, k, impl)
+    assert len(calls) == int(want_kernel)  # switched off: torch.topk

@@ -25,6 +25,8 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
+from hydra_fast.ops import row_topk
+
 PREFIX = "dynamic"
 MIN_STEP = 1e-4  # each level lowers the cumulative score by at least this much: parents rank above children
 
@@ -146,23 +148,23 @@ def expand(heads, hidden: torch.Tensor, root: torch.Tensor, tree: DynamicTree, e
     K, W, D = tree.topk, tree.width, tree.depth
     first = heads.heads[0]
     x = first(hidden, root.view(B, 1)[:, :first.path_len], embed_weight, impl)  # [B, d]
-    logp, tok = heads.draft_scores(0, x, base_lm_head, K)  # [B, K] each
+    logp, tok = heads.draft_scores(0, x, base_lm_head, K, impl)  # [B, K] each
     score = logp.clamp(max=-MIN_STEP)
     tokens, scores, parents = [tok], [score], [torch.full_like(tok, -1)]
     path = root.view(B, 1, 1)  # [B, n, d - 1]: tokens root .. each node of the level before (n = 1 at first)
     offset = 0  # candidate index of the level's first candidate
     for d in range(2, D + 1):
-        f_score, f = torch.topk(score, W, dim=-1)  # [B, W] the frontier, within the level's candidates
+        f_score, f = row_topk(score, W, impl)  # [B, W] the frontier, within the level's candidates
         path = torch.cat([path.gather(1, (f // K).view(B, W, 1).expand(B, W, d - 1)),
                           tok.gather(1, f).view(B, W, 1)], dim=-1)  # [B, W, d] root .. frontier node
         head = heads.heads[d - 1]
         if head.path_len == 0:  # no path input: one guess list per sequence, shared by its frontier
             x = head(hidden, root.new_zeros(B, 0), embed_weight, impl)
-            logp, tok = (t.view(B, 1, K).expand(B, W, K) for t in heads.draft_scores(d - 1, x, base_lm_head, K))
+            logp, tok = (t.view(B, 1, K).expand(B, W, K) for t in heads.draft_scores(d - 1, x, base_lm_head, K, impl))
         else:
             h = hidden.view(B, 1, dm).expand(B, W, dm).reshape(B * W, dm)
             x = head(h, path.reshape(B * W, d)[:, :head.path_len], embed_weight, impl)  # [B * W, d]
-            logp, tok = (t.view(B, W, K) for t in heads.draft_scores(d - 1, x, base_lm_head, K))
+            logp, tok = (t.view(B, W, K) for t in heads.draft_scores(d - 1, x, base_lm_head, K, impl))
         parents.append((f + offset).view(B, W, 1).expand(B, W, K).reshape(B, W * K))
         offset += score.shape[1]
         score = (f_score.view(B, W, 1) + logp.clamp(max=-MIN_STEP)).reshape(B, W * K)

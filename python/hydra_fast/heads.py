@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hydra_fast import reference
+from hydra_fast.ops import row_topk
 from hydra_fast.draft_vocab import DRAFT_VOCAB_NAME, DraftVocab, DraftVocabFile
 from hydra_fast.heads_config import (KINDS, BaseFingerprint, HeadKind, HeadsCheckpointError, HeadsConfig,
                                      HeadsMismatchError, _dtype_name, check_compatible, fingerprint)
@@ -136,30 +137,32 @@ class DraftHeads(nn.Module):
             if head.path_len == 0:
                 # one guess list per sequence, shared by all parents of the level
                 x = head(hidden, root.new_zeros(B, 0), embed_weight, impl)  # [B, d]
-                ids = self._draft_topk(i, x, base_lm_head, level.topk)  # [B, topk]
+                ids = self._draft_topk(i, x, base_lm_head, level.topk, impl)  # [B, topk]
                 child = ids[:, level.child_rank]  # [B, Cd]
             else:
                 Pd = level.parent_nodes.shape[0]
                 path = candidates[:, level.parent_paths].reshape(B * Pd, level.depth)  # [B*Pd, d] root..parent
                 h = hidden.unsqueeze(1).expand(B, Pd, dm).reshape(B * Pd, dm)  # [B*Pd, dm]
                 x = head(h, path, embed_weight, impl)  # [B*Pd, dm]
-                ids = self._draft_topk(i, x, base_lm_head, level.topk)
+                ids = self._draft_topk(i, x, base_lm_head, level.topk, impl)
                 ids = ids.view(B, Pd, level.topk)  # [B, Pd, topk]
                 child = ids[:, level.child_slot, level.child_rank]  # [B, Cd]
             candidates[:, level.child_nodes] = child
         return candidates
 
-    def _draft_topk(self, i: int, x: torch.Tensor, base_lm_head, k: int) -> torch.Tensor:
-        """Token ids [R, k] of head i's k most likely drafts from its state x [R, d]."""
+    def _draft_topk(self, i: int, x: torch.Tensor, base_lm_head, k: int, impl=reference) -> torch.Tensor:
+        """Token ids [R, k] of head i's k most likely drafts from its state x [R, d] (``row_topk`` picks them)."""
         if self.draft_vocab is None:
-            return torch.topk(self.logits(i, x, base_lm_head), k, dim=-1).indices
+            return row_topk(self.logits(i, x, base_lm_head), k, impl)[1]
         self._check_draft_k(i, k)
         own = self.heads[i].lm_head
-        return self.draft_vocab.topk(-1 if own is None else i, x, base_lm_head if own is None else own, k)
+        return self.draft_vocab.topk(-1 if own is None else i, x, base_lm_head if own is None else own, k, impl)
 
-    def draft_scores(self, i: int, x: torch.Tensor, base_lm_head, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def draft_scores(self, i: int, x: torch.Tensor, base_lm_head, k: int,
+                     impl=reference) -> tuple[torch.Tensor, torch.Tensor]:
         """Head i's k most likely drafts from its state x [R, d] and their log-probabilities (softmax over the
-        draft vocabulary when one is used): (logp float32 [R, k], token ids int64 [R, k])."""
+        draft vocabulary when one is used): (logp float32 [R, k], token ids int64 [R, k]). impl: the ops module
+        (``ops.implementation``); ``row_topk`` picks the k."""
         if self.draft_vocab is None:
             logits, ids = self.logits(i, x, base_lm_head).float(), None
         else:
@@ -168,7 +171,7 @@ class DraftHeads(nn.Module):
             logits = self.draft_vocab.logits(-1 if own is None else i, x,
                                              base_lm_head if own is None else own).float()
             ids = self.draft_vocab.ids
-        top, pos = torch.topk(logits, k, dim=-1)
+        top, pos = row_topk(logits, k, impl)
         logp = top - torch.logsumexp(logits, dim=-1, keepdim=True)
         return logp, pos if ids is None else ids[pos]
 

@@ -5,6 +5,8 @@ the specification. The fake kernels let every op run under ``torch.compile(fullg
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from hydra_fast import reference
@@ -223,6 +225,29 @@ def topk_rows(x, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     dtype, indices int64 [..., k]), by value descending, ties to the lower index, NaN above every number (the
     order of a stable descending sort). CUDA: one CTA per row for k <= 32, else a sort of exact order keys."""
     return _require().topk_rows(x, k)
+
+
+# The draft's top-k rows go to ``topk_rows`` (one CTA a row) on CUDA when they are at most this wide and k is at
+# most TOPK_ROWS_MAX_K (the kernel's register path); otherwise to torch.topk, which spreads a row over many CTAs.
+# From bench_ops' topk_rows cases on the H200 (bench/RESULTS.md, 2026-12-02), bf16 rows, ours against torch.topk:
+# 6,592 columns 4-14 us against 24-38 us; 16,384: 24 against 70 us; 32,768: 41 against 43 us; 49,152 with 10 rows
+# and k = 10: 58 against 45 us; k = 40 (the kernel's sort path): 144 against 35 us. HYDRA_FAST_TOPK_ROWS=0:
+# torch.topk always.
+TOPK_ROWS_MAX_WIDTH = 16384
+TOPK_ROWS_MAX_K = 32
+TOPK_ROWS_ON = os.environ.get("HYDRA_FAST_TOPK_ROWS", "1") != "0"
+
+
+def row_topk(x, k: int, impl=reference) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's k largest (values [..., k], indices int64 [..., k]) for the draft heads: ``topk_rows`` where the
+    kernels run (impl is this module's ``_Kernels``), on CUDA, for rows up to ``TOPK_ROWS_MAX_WIDTH`` columns and
+    k up to ``TOPK_ROWS_MAX_K``; torch.topk otherwise. Both order by value descending; ties may differ, which can
+    change the drafts, never the output."""
+    if (impl is _Kernels and TOPK_ROWS_ON and x.is_cuda and x.shape[-1] <= TOPK_ROWS_MAX_WIDTH
+            and k <= TOPK_ROWS_MAX_K):
+        return topk_rows(x, k)
+    values, indices = torch.topk(x, k, dim=-1)
+    return values, indices
 
 
 class _Kernels:
