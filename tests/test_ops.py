@@ -71,6 +71,7 @@ ATTN_CASES = [
     (3, 4, 1, 83, 769, 64, [686, 0, 333]),  # GQA 4, odd N and S
     (1, 3, 1, 1, 640, 64, [300]),  # one query, GQA 3 (a plain step of SmolLM2): CUDA merges 5 chunks in a cluster
     (1, 2, 1, 1, 2048, 64, [1500]),  # one query, a long cache: 16 chunks, more than a cluster, the combine kernel
+    (1, 3, 1, 72, 640, 64, [300]),  # a 72-node tree, GQA 3: 4 row tiles, so 5 chunks and the combine kernel
 ]
 
 

@@ -33,7 +33,8 @@ cudaError_t launch_mma(const kernels::TreeAttnParams& p, cudaStream_t stream, bo
   }
 }
 
-// Whether the fast path's chunks merge inside clusters (sm_90+ code, 2-8 chunks, cuda_glue::attn_cluster_allowed).
+// Whether the fast path's chunks merge inside clusters (sm_90+ code, 2-8 chunks, cuda_glue::attn_cluster_allowed);
+// the caller also asks for one row tile (see tree_attention.cuh).
 template <typename T>
 bool mma_clusters(int D, int num_chunks) {
   if constexpr (sizeof(T) == 2) {
@@ -120,7 +121,9 @@ at::Tensor tree_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, c
               "hydra_fast.tree_attention: too many query rows for one launch");
 
   bool cluster = false;
-  if (fast) HF_DTYPE_SWITCH(q.scalar_type(), T, [&] { cluster = mma_clusters<T>(p.D, p.num_chunks); });
+  if (fast && p.row_tiles == 1) {
+    HF_DTYPE_SWITCH(q.scalar_type(), T, [&] { cluster = mma_clusters<T>(p.D, p.num_chunks); });
+  }
   at::Tensor part_o, part_ml;
   if (p.num_chunks > 1 && !cluster) {
     const auto f32 = q.options().dtype(at::kFloat);

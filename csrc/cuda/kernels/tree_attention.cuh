@@ -7,9 +7,11 @@
 // head is node r / group, q head kv_head * group + r % group). Row tiles of the same chunk are adjacent block
 // indices, so K/V come from HBM once and from L2 after. Each CTA keeps an online softmax in registers and
 // either writes the final rows (one chunk) or unnormalised partial rows plus (max, sum) that
-// tree_attn_combine_kernel merges; on sm_90+ the tensor-core path with 2-8 chunks instead runs the chunks of a
-// row tile as one thread-block cluster that merges them through distributed shared memory (cluster_combine), so
-// the step has no combine kernel. The chunking is computed on the device from cache_lens, so the work
+// tree_attn_combine_kernel merges; on sm_90+ the tensor-core path with 2-8 chunks and one row tile per kv head
+// instead runs the chunks of the tile as one thread-block cluster that merges them through distributed shared
+// memory (cluster_combine), so the step has no combine kernel. (One tile: a plain step or a tree of up to
+// 64 / group nodes. With more tiles the clusters were measured slower than the combine kernel on the H200, e.g.
+// SmolLM2's 64-node step 1.80 against 1.71 ms; bench/RESULTS.md.) The chunking is computed on the device from cache_lens, so the work
 // follows the real lengths (not the capacity S) and the launch stays graph-capturable.
 //
 // Paths:
