@@ -21,8 +21,8 @@
 # all, each of ours also compiled), MAX_NEW_TOKENS (default 128), DECODE_S /
 # STEP_S / OPS_S (each benchmark's deadline in seconds: 900 / 400 / 600), TAU_JSON (a bench_decode JSON whose
 # measured tau bench_step projects with; default: this OUT's bench_decode.json when the decode stage ran).
-# Switches such as HYDRA_FAST_PDL=0 or HYDRA_FAST_ATTN_CLUSTER=0 apply to every stage: run the script once with and
-# once without one (two OUT folders) for an A/B on the same machine.
+# Switches such as HYDRA_FAST_PDL=0, HYDRA_FAST_ATTN_CLUSTER=0 or HYDRA_FAST_TOPK_ROWS=0 apply to every stage: run
+# the script once with and once without one (two OUT folders) for an A/B on the same machine.
 # Copy bandwidth and matmul rate are measured in the same run by bench_step and bench_ops (their JSON "meta").
 set -uo pipefail
 cd "$(dirname "$0")/.."
