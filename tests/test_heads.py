@@ -144,11 +144,12 @@ def slow_draft(heads, hidden, root, tree, embed, lm_head):
 
 
 @pytest.mark.parametrize("tree", ["tiny", "mc_sim_7b_63"])
-@pytest.mark.parametrize("kind", KINDS)
-def test_draft_matches_slow_recomputation(kind, tree):
+@pytest.mark.parametrize("kind, own", [(kind, kind == "medusa") for kind in KINDS] + [("medusa", False)])
+def test_draft_matches_slow_recomputation(kind, own, tree):
+    """Medusa with the shared LM head: its levels' states stacked into one product (_pathless_guesses)."""
     base = tiny(dtype=torch.float64)  # float64: no near-ties between batched and one-row evaluation
     embed, lm_head = io(base)
-    heads = randomize(DraftHeads.from_base(base, kind, own_lm_head=kind == "medusa"))
+    heads = randomize(DraftHeads.from_base(base, kind, own_lm_head=own))
     tree = Tree.from_choices(tree)
     hidden = torch.randn(3, 64, dtype=torch.float64)
     root = torch.randint(0, 211, (3,))
@@ -359,3 +360,19 @@ def test_config_validation(llama):
     assert standalone.prefix_layer.self_attn.config._attn_implementation == "sdpa"
     with pytest.raises(ValueError, match="need the base model config"):
         DraftHeads(HeadsConfig(kind="hydra++", hidden_size=64, vocab_size=211, base=fp))
+
+
+@pytest.mark.parametrize("own", [False, True])
+def test_medusa_levels_share_one_lm_head_product(llama, monkeypatch, own):
+    """Medusa's heads read no path: with the shared LM head every level's guesses come from one product and one
+    top-k (the LM head read once a step); with their own LM heads, one each."""
+    embed, lm_head = io(llama)
+    heads = randomize(DraftHeads.from_base(llama, "medusa", own_lm_head=own))
+    tree = Tree.from_choices("mc_sim_7b_63")
+    calls = []
+    real = heads._draft_topk
+    monkeypatch.setattr(heads, "_draft_topk", lambda i, x, *a: calls.append(x.shape[0]) or real(i, x, *a))
+    heads.draft(torch.randn(2, llama.config.hidden_size), torch.tensor([3, 5]), tree.buffers(), embed, lm_head,
+                reference)
+    depth = len(tree.buffers().levels)
+    assert calls == ([2] * depth if own else [2 * depth])

@@ -131,14 +131,13 @@ class DraftHeads(nn.Module):
         B, dm = hidden.shape
         candidates = root.new_zeros(B, bufs.num_nodes)  # [B, N]
         candidates[:, 0] = root
+        guesses = self._pathless_guesses(bufs.levels, hidden, root, embed_weight, base_lm_head, impl)
         for level in bufs.levels:
             i = level.depth - 1
             head = self.heads[i]
             if head.path_len == 0:
                 # one guess list per sequence, shared by all parents of the level
-                x = head(hidden, root.new_zeros(B, 0), embed_weight, impl)  # [B, d]
-                ids = self._draft_topk(i, x, base_lm_head, level.topk, impl)  # [B, topk]
-                child = ids[:, level.child_rank]  # [B, Cd]
+                child = guesses[level.depth][:, level.child_rank]  # [B, Cd]
             else:
                 Pd = level.parent_nodes.shape[0]
                 path = candidates[:, level.parent_paths].reshape(B * Pd, level.depth)  # [B*Pd, d] root..parent
@@ -149,6 +148,21 @@ class DraftHeads(nn.Module):
                 child = ids[:, level.child_slot, level.child_rank]  # [B, Cd]
             candidates[:, level.child_nodes] = child
         return candidates
+
+    def _pathless_guesses(self, levels, hidden, root, embed_weight, base_lm_head, impl) -> dict[int, torch.Tensor]:
+        """{depth: token ids [B, topk]} of the levels whose head reads no path (Medusa's heads). Their states do not
+        depend on each other, so when they share the LM head (the base's, or the draft vocabulary's compact one)
+        they are stacked into one product, which reads the LM head once for all levels, and one top-k with the
+        largest k of them; each level keeps its first topk columns (the top-k of a descending top-K)."""
+        flat = [level for level in levels if self.heads[level.depth - 1].path_len == 0]
+        B = hidden.shape[0]
+        states = [self.heads[level.depth - 1](hidden, root.new_zeros(B, 0), embed_weight, impl) for level in flat]
+        if len(flat) < 2 or any(self.heads[level.depth - 1].lm_head is not None for level in flat):
+            return {level.depth: self._draft_topk(level.depth - 1, x, base_lm_head, level.topk, impl)
+                    for level, x in zip(flat, states)}  # own LM heads: one product each
+        k = max(level.topk for level in flat)
+        ids = self._draft_topk(flat[0].depth - 1, torch.cat(states), base_lm_head, k, impl).view(len(flat), B, k)
+        return {level.depth: ids[j, :, :level.topk] for j, level in enumerate(flat)}
 
     def _draft_topk(self, i: int, x: torch.Tensor, base_lm_head, k: int, impl=reference) -> torch.Tensor:
         """Token ids [R, k] of head i's k most likely drafts from its state x [R, d] (``row_topk`` picks them)."""
