@@ -44,3 +44,21 @@ def test_lm_head_logits_calls_other_modules():
     assert torch.equal(matmul.lm_head_logits(head, x), head(x))
     lin = torch.nn.Linear(6, 10, bias=False)
     torch.testing.assert_close(matmul.lm_head_logits(lin, x), lin(x))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_one_row_takes_the_two_column_product_with_threads(threads, monkeypatch):
+    """One row: with 2+ threads the weight @ [x, x].T form (close to F.linear), with one thread F.linear itself."""
+    monkeypatch.setattr(matmul, "LARGE_WEIGHT_BYTES", 0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(7)
+        w, b, x = torch.randn(500, 64, generator=g), torch.randn(500, generator=g), torch.randn(1, 1, 64, generator=g)
+        out = matmul.linear(x, w, b)
+        assert out.shape == (1, 1, 500) and out.is_contiguous()
+        if threads == 1:
+            assert torch.equal(out, F.linear(x, w, b))
+        torch.testing.assert_close(out, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(before)
