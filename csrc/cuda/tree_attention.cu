@@ -38,7 +38,8 @@ cudaError_t launch_mma(const kernels::TreeAttnParams& p, cudaStream_t stream, bo
 template <typename T>
 bool mma_clusters(int D, int num_chunks) {
   if constexpr (sizeof(T) == 2) {
-    return cuda_glue::attn_cluster_allowed() && HF_HEADDIM_SWITCH(D, kD, [&] { return kernels::tree_attn_mma_clusters<T, kD>(num_chunks); });
+    return cuda_glue::attn_cluster_allowed() &&
+           HF_HEADDIM_SWITCH(D, kD, [&] { return kernels::tree_attn_mma_clusters<T, kD>(num_chunks); });
   } else {
     return false;
   }

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hydra_fast import reference
 from hydra_fast.heads_config import HeadsCheckpointError
 from hydra_fast.matmul import linear
 from hydra_fast.ops import row_topk
@@ -178,7 +177,7 @@ class DraftVocab(nn.Module):
             weight, bias = self.prepare(slot, lm_head)
         return linear(x, weight, bias)
 
-    def topk(self, slot: int, x: torch.Tensor, lm_head: nn.Module, k: int, impl=reference) -> torch.Tensor:
+    def topk(self, slot: int, x: torch.Tensor, lm_head: nn.Module, k: int, impl) -> torch.Tensor:
         """Token ids [R, k] of the k largest compact logits of x [R, d] (real ids, not draft positions), picked by
         ``row_topk`` (impl: the ops module, ``ops.implementation``)."""
         positions = row_topk(self.logits(slot, x, lm_head), k, impl)[1]  # [R, k] in 0..V'-1

@@ -19,12 +19,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from hydra_fast import reference
-from hydra_fast.ops import row_topk
 from hydra_fast.draft_vocab import DRAFT_VOCAB_NAME, DraftVocab, DraftVocabFile
 from hydra_fast.heads_config import (KINDS, BaseFingerprint, HeadKind, HeadsCheckpointError, HeadsConfig,
                                      HeadsMismatchError, _dtype_name, check_compatible, fingerprint)
 from hydra_fast.heads_io import CONFIG_NAME, INDEX_NAME, check_heads_folder, is_weights_file, read_weights
 from hydra_fast.matmul import lm_head_logits
+from hydra_fast.ops import row_topk
 from hydra_fast.tree import TreeBuffers
 
 __all__ = ["BaseFingerprint", "DraftHead", "DraftHeads", "HeadKind", "HeadsCheckpointError", "HeadsConfig",
@@ -164,7 +164,7 @@ class DraftHeads(nn.Module):
         ids = self._draft_topk(flat[0].depth - 1, torch.cat(states), base_lm_head, k, impl).view(len(flat), B, k)
         return {level.depth: ids[j, :, :level.topk] for j, level in enumerate(flat)}
 
-    def _draft_topk(self, i: int, x: torch.Tensor, base_lm_head, k: int, impl=reference) -> torch.Tensor:
+    def _draft_topk(self, i: int, x: torch.Tensor, base_lm_head, k: int, impl) -> torch.Tensor:
         """Token ids [R, k] of head i's k most likely drafts from its state x [R, d] (``row_topk`` picks them)."""
         if self.draft_vocab is None:
             return row_topk(self.logits(i, x, base_lm_head), k, impl)[1]

@@ -16,8 +16,8 @@ this):
 | 49152 x 576 (108 MB) | 17.2 / 11.2 | 41.4 / 14.0 | 45.2 / 15.1 | 53.7 / 24.6 |
 
 Below ``LARGE_WEIGHT_BYTES`` F.linear stays: at 6.8 MB the two orders were within 10 % at 2-4 rows (the rows of
-a small tree), and smaller weights were not measured; the one-row form needs more than one thread. The orders are the same product; only the summation order
-inside the GEMM differs.
+a small tree), and smaller weights were not measured; the one-row form needs more than one thread. The orders are
+the same product; only the summation order inside the GEMM differs.
 """
 from __future__ import annotations
 

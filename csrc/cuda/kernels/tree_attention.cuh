@@ -11,8 +11,8 @@
 // instead runs the chunks of the tile as one thread-block cluster that merges them through distributed shared
 // memory (cluster_combine), so the step has no combine kernel. (One tile: a plain step or a tree of up to
 // 64 / group nodes. With more tiles the clusters were measured slower than the combine kernel on the H200, e.g.
-// SmolLM2's 64-node step 1.80 against 1.71 ms; bench/RESULTS.md.) The chunking is computed on the device from cache_lens, so the work
-// follows the real lengths (not the capacity S) and the launch stays graph-capturable.
+// SmolLM2's 64-node step 1.80 against 1.71 ms; bench/RESULTS.md.) The chunking is computed on the device from
+// cache_lens, so the work follows the real lengths (not the capacity S) and the launch stays graph-capturable.
 //
 // Paths:
 //  * tree_attn_mma_kernel: fp16/bf16, D in {64, 128}, 16-byte aligned K/V rows. 4 warps x 16 rows, K/V tiles
