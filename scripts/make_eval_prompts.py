@@ -11,8 +11,9 @@ from fortunes and a topic list) and chat (advice and conversation requests from 
 
 Disjoint from the training prompts, the prompt files ``scripts/make_train_prompts.py`` builds from the same
 sources (its mix at ``--scale`` 1 and 2, seed 0; ``--check-only`` re-verifies a file):
-  * items: a source item (article, passage, code snippet, fortune) is skipped when any prompt the training
-    loader could have made from it (every template of its source) is a training prompt;
+  * items: every source item (article, passage, code snippet, fortune) comes from the evaluation reserve of
+    ``hydra_fast.train.sources`` (one item in 8, chosen by a hash of the item), which no training source ever
+    turns into a prompt, whatever its count or seed;
   * text: a prompt is skipped when any run of 13 words of it occurs in a training prompt (catches the same
     text reached another way, and boilerplate shared between articles).
 Also checked against MT-Bench. Everything is seeded, so the same sources give the same file. One jsonl line
@@ -77,51 +78,44 @@ class Guard:
             runs |= shingles(p)
         return cls(set(prompts), runs)
 
-    def item_used(self, templates: Iterable[str], **fields) -> bool:
-        """Would the training loader have made one of its prompts from this item?"""
-        return any(t.format(**fields) in self.prompts for t in templates)
-
     def text_shared(self, prompt: str) -> bool:
         return not shingles(prompt).isdisjoint(self.runs)
 
 
 # ------------------------------------------------------------------------------------ the sources
-def wiki_articles(path: Path) -> list[tuple[str, str]]:
-    data = json.loads(path.read_text(encoding="utf-8"))
-    rows = data.values() if isinstance(data, dict) else data
-    return sorted({(r["title"], r["extract"]) for r in rows if len(r.get("extract") or "") > 200})
+def wiki_articles(path: Path, lang: str = "en") -> list[tuple[str, str]]:
+    """The reserved articles of a summaries file (title, text), sorted."""
+    return src.wiki_articles(str(path), lang=lang, min_chars=200, keep_reserved=True)
 
 
-def fresh_articles(path: Path, guard: Guard, rng: random.Random) -> list[tuple[str, str]]:
-    """English articles no training prompt was made from (WIKI_TASKS as load_wiki fills them), shuffled."""
-    arts = [(t, x) for t, x in wiki_articles(path)
-            if not guard.item_used(src.WIKI_TASKS, title=t, text=src._clip(x, 1500))]
+def fresh_articles(path: Path, rng: random.Random) -> list[tuple[str, str]]:
+    """Reserved English articles (no training source reads them), shuffled."""
+    arts = wiki_articles(path)
     rng.shuffle(arts)
     return arts
 
 
-def austen_passages(path: Path, guard: Guard, rng: random.Random) -> list[str]:
+def austen_passages(path: Path, rng: random.Random) -> list[str]:
     files = sorted(path.glob("*.txt"))
-    passages = [p for p in src._passages([f.read_text(encoding="utf-8") for f in files])
-                if not guard.item_used(src.TEXT_TASKS, text=p)]
+    passages = src._passages([f.read_text(encoding="utf-8") for f in files], keep_reserved=True)
     rng.shuffle(passages)
     return passages
 
 
-def fortunes(path: Path, guard: Guard, rng: random.Random) -> list[str]:
+def fortunes(path: Path, rng: random.Random) -> list[str]:
     items = set()
     for f in sorted(p for p in path.iterdir() if p.is_file()):
         for item in f.read_text(encoding="utf-8", errors="replace").split("\n%\n"):
             item = item.strip().strip("%").strip()
-            if 40 <= len(item) <= 300 and "\t" not in item:
+            if 40 <= len(item) <= 300 and "\t" not in item and src.reserved("fortune", item):
                 items.add(item)
-    fresh = [t for t in sorted(items) if not guard.item_used(src.FORTUNE_TASKS, text=t)]
+    fresh = sorted(items)
     rng.shuffle(fresh)
     return fresh
 
 
-def stdlib_functions(guard: Guard, rng: random.Random) -> list[tuple[str, str, str]]:
-    """(name, kind, code) of standard-library defs (the stdlib source's filter) training never used."""
+def stdlib_functions(rng: random.Random) -> list[tuple[str, str, str]]:
+    """(name, kind, code) of reserved standard-library defs (the stdlib source's size filter)."""
     import sysconfig
 
     root = Path(sysconfig.get_paths()["stdlib"])
@@ -129,7 +123,7 @@ def stdlib_functions(guard: Guard, rng: random.Random) -> list[tuple[str, str, s
     out = []
     for f in files:
         for name, what, code in src._code_snippets(f):
-            if not name.startswith("_") and not guard.item_used(src.CODE_TASKS, code=code, name=name, what=what):
+            if not name.startswith("_") and src.reserved("code", code):
                 out.append((name, what, code))
     out.sort()
     rng.shuffle(out)
@@ -137,14 +131,14 @@ def stdlib_functions(guard: Guard, rng: random.Random) -> list[tuple[str, str, s
 
 
 # --------------------------------------------------------------------------------- the categories
-def translation(S: Path, guard: Guard, rng: random.Random) -> Iterable[str]:
+def translation(S: Path, rng: random.Random) -> Iterable[str]:
     langs = {"fr": "French", "es": "Spanish"}
     pools = {}
     for code in langs:
-        arts = wiki_articles(S / f"wiki_summaries_{code}.json")
+        arts = wiki_articles(S / f"wiki_summaries_{code}.json", lang=code)
         rng.shuffle(arts)
         pools[code] = arts
-    english = fresh_articles(S / "wiki_summaries_en.json", guard, rng)
+    english = fresh_articles(S / "wiki_summaries_en.json", rng)
     to_en = ("Translate this {lang} text into English:\n\n{text}",
              "Please give an English translation of the following passage, written in {lang}.\n\n{text}")
     from_en = ("Translate the following paragraph into {lang}.\n\n{text}",
@@ -159,9 +153,9 @@ def translation(S: Path, guard: Guard, rng: random.Random) -> Iterable[str]:
             yield rng.choice(to_en).format(lang=langs[code], text=src._clip(text, 500))
 
 
-def summarization(S: Path, guard: Guard, rng: random.Random) -> Iterable[str]:
-    wiki = fresh_articles(S / "wiki_summaries_en.json", guard, rng)
-    austen = austen_passages(S / "austen", guard, rng)
+def summarization(S: Path, rng: random.Random) -> Iterable[str]:
+    wiki = fresh_articles(S / "wiki_summaries_en.json", rng)
+    austen = austen_passages(S / "austen", rng)
     tasks = ("Write a one-sentence summary of this encyclopedia excerpt.\n\n{text}",
              "Condense the text below into three bullet points.\n\n{text}",
              "Give a short abstract (at most 50 words) of the following.\n\n{text}",
@@ -171,21 +165,21 @@ def summarization(S: Path, guard: Guard, rng: random.Random) -> Iterable[str]:
         yield rng.choice(tasks).format(text=text)
 
 
-def grounded_qa(S: Path, guard: Guard, rng: random.Random) -> Iterable[str]:
+def grounded_qa(S: Path, rng: random.Random) -> Iterable[str]:
     questions = ("According to the passage, what is {title}?", "What does the passage say {title} is known for?",
                  "Which dates or numbers does the passage mention, and what do they refer to?",
                  "Based only on the passage, name two facts about {title}.",
                  "Where does the passage place {title}, in space or in time?")
-    for title, text in fresh_articles(S / "wiki_summaries_en.json", guard, rng):
+    for title, text in fresh_articles(S / "wiki_summaries_en.json", rng):
         q = rng.choice(questions).format(title=title)
         yield (f"Answer the question using only the passage. If the passage does not say, answer \"not stated\"."
                f"\n\nPassage: {src._clip(text, 1200)}\n\nQuestion: {q}")
 
 
-def qa(S: Path, guard: Guard, rng: random.Random) -> Iterable[str]:
+def qa(S: Path, rng: random.Random) -> Iterable[str]:
     asks = ("In two or three sentences, what is {title} best known for?", "Who or what is {title}? Be brief.",
             "Why is {title} considered significant?", "What should a visitor or newcomer know about {title}?")
-    for title, _ in fresh_articles(S / "wiki_summaries_en.json", guard, rng):
+    for title, _ in fresh_articles(S / "wiki_summaries_en.json", rng):
         yield rng.choice(asks).format(title=title)
 
 
@@ -194,7 +188,7 @@ NAMES = ("Ana", "Ben", "Chloe", "Dev", "Elif", "Farid", "Grace", "Hugo", "Ines",
 ITEMS = ("apples", "pencils", "stickers", "marbles", "books", "cupcakes", "stamps", "seashells")
 
 
-def math(S: Path, guard: Guard, rng: random.Random) -> Iterable[str]:
+def math(S: Path, rng: random.Random) -> Iterable[str]:
     """Arithmetic word problems with whole-number answers (the formula is in each comment)."""
     while True:
         a, b = rng.sample(NAMES, 2)
@@ -223,12 +217,12 @@ def math(S: Path, guard: Guard, rng: random.Random) -> Iterable[str]:
                    f"tiles are needed? Explain your answer.")  # (w / tile) * (h / tile)
 
 
-def code(S: Path, guard: Guard, rng: random.Random) -> Iterable[str]:
+def code(S: Path, rng: random.Random) -> Iterable[str]:
     explain = ("Walk me through this Python {what} line by line.\n\n```python\n{code}\n```",
                "What would be a good name for this {what} if `{name}` were taken? Explain what it does first."
                "\n\n```python\n{code}\n```",
                "Find a possible bug or limitation in this code and explain it.\n\n```python\n{code}\n```")
-    for i, (name, what, body) in enumerate(stdlib_functions(guard, rng)):
+    for i, (name, what, body) in enumerate(stdlib_functions(rng)):
         first = body.splitlines()[0].strip()
         if i % 2 == 0 and what == "function" and first.startswith("def ") and len(body) < 1200:
             doc = _docstring(body)
@@ -257,9 +251,9 @@ WRITING_TOPICS = ("a lighthouse keeper's last night", "a city that sleeps during
                   "the smell of rain on a summer street", "a garden on a rooftop", "a tortoise who wants to fly")
 
 
-def writing(S: Path, guard: Guard, rng: random.Random) -> Iterable[str]:
-    austen = austen_passages(S / "austen", guard, rng)
-    sayings = fortunes(S / "fortunes", guard, rng)
+def writing(S: Path, rng: random.Random) -> Iterable[str]:
+    austen = austen_passages(S / "austen", rng)
+    sayings = fortunes(S / "fortunes", rng)
     topics = list(WRITING_TOPICS)
     rng.shuffle(topics)
     for i in range(10 ** 6):
@@ -305,13 +299,13 @@ CHAT_OPENERS = (
 )
 
 
-def chat(S: Path, guard: Guard, rng: random.Random) -> Iterable[str]:
+def chat(S: Path, rng: random.Random) -> Iterable[str]:
     openers = list(CHAT_OPENERS)
     rng.shuffle(openers)
     yield from openers
 
 
-CATEGORIES: dict[str, Callable[[Path, Guard, random.Random], Iterable[str]]] = {
+CATEGORIES: dict[str, Callable[[Path, random.Random], Iterable[str]]] = {
     "translation": translation, "summarization": summarization, "grounded_qa": grounded_qa, "qa": qa,
     "math": math, "code": code, "writing": writing, "chat": chat}
 
@@ -323,7 +317,7 @@ def build(sources: Path, guard: Guard, seed: int = 0, per_category: int = PER_CA
     columns, seen = [], set()
     for name, make in CATEGORIES.items():
         got = []
-        for prompt in make(sources, guard, random.Random(f"eval:{seed}:{name}")):
+        for prompt in make(sources, random.Random(f"eval:{seed}:{name}")):
             if len(got) == per_category:
                 break
             key = " ".join(prompt.split()).casefold()

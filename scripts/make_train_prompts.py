@@ -23,8 +23,9 @@ sys.path.insert(0, str(ROOT / "python"))
 
 from hydra_fast.train import sources as src  # noqa: E402
 
-MIX = ("builtin:2500", "wiki:2000@{S}/wiki_summaries_en.json", "stdlib:1500", "text:800@{S}/austen",
-       "fortunes:800@{S}/fortunes", "humaneval:164@{S}/HumanEval.jsonl.gz")
+MIX = ("builtin:2000", "wiki:1600@{S}/wiki_summaries_en.json", "stdlib:1200", "text:600@{S}/austen",
+       "fortunes:600@{S}/fortunes", "humaneval:164@{S}/HumanEval.jsonl.gz", "translate:1500@{S}",
+       "grounded:900@{S}/wiki_summaries_en.json", "math:600")
 
 
 def main(argv=None) -> int:

@@ -10,6 +10,7 @@ from _train_tiny import char_tokenizer, tiny_llama
 
 from hydra_fast.train import selfdistill as build_mod
 from hydra_fast.train import sources as src
+from hydra_fast.train import task_sources as ts
 from hydra_fast.train.selfdistill import BuildConfig, build
 from hydra_fast.train.dataset import (MANIFEST, DataError, DataMismatchError, SelfDistillData, collate,
                                       read_manifest)
@@ -74,7 +75,7 @@ def test_stdlib_source_gives_code_instructions():
 def test_file_sources(tmp_path):
     wiki = tmp_path / "summaries.json"
     wiki.write_text(json.dumps({f"T{i}": {"title": f"Topic {i}", "extract": f"Topic {i} is a thing. " * 10}
-                                for i in range(5)}))
+                                for i in range(40)}))
     novel = tmp_path / "novel.txt"
     novel.write_text("\n\n".join(f"Paragraph {i}. " + "She walked on. " * 20 for i in range(6)))
     fortunes = tmp_path / "fortunes"
@@ -95,6 +96,62 @@ def test_file_sources(tmp_path):
     assert sorted(src.load_jsonl(str(own), 5, rng)) == ["do\n\nthis", "p1", "t1"]
     with pytest.raises(FileNotFoundError):
         src.load_wiki(str(tmp_path / "missing.json"), 3, rng)
+
+
+def _summaries(path, lang, n):
+    path.write_text(json.dumps({f"T{i}": {"title": f"{lang} topic {i}",
+                                          "extract": f"Sentence {i} of the {lang} summary. " * 12}
+                                for i in range(n)}))
+    return path
+
+
+def test_the_evaluation_reserve_never_becomes_a_training_prompt(tmp_path):
+    wiki = _summaries(tmp_path / "wiki_summaries_en.json", "en", 200)
+    kept = {i for i in range(200) if src.reserved("wiki-en", f"en topic {i}")}
+    assert 0 < len(kept) < 60  # about one in RESERVE_EVERY
+    prompts = src.load_wiki(str(wiki), 500, random.Random(0)) + ts.load_grounded(str(wiki), 500, random.Random(0))
+    assert len(prompts) == 2 * (200 - len(kept))
+    assert not any(f"Sentence {i} of" in p for p in prompts for i in kept)
+    assert all(any(f"Sentence {i} of" in p for p in prompts) for i in set(range(200)) - kept)
+    evaluation = src.wiki_articles(str(wiki), keep_reserved=True)  # what the held-out builder reads
+    assert {t for t, _ in evaluation} == {f"en topic {i}" for i in kept}
+    assert src.reserved("wiki-en", "a  b") == src.reserved("wiki-en", "a b")  # whitespace does not move an item
+
+
+def test_prompts_do_not_depend_on_where_the_files_lie(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "elsewhere" / "b"
+    for d in (a, b):
+        d.mkdir(parents=True)
+        _summaries(d / "wiki_summaries_en.json", "en", 50)
+    pa = src.collect_prompts([src.SourceSpec.parse(f"wiki:20@{a}/wiki_summaries_en.json")], 0)[0]
+    pb = src.collect_prompts([src.SourceSpec.parse(f"wiki:20@{b}/wiki_summaries_en.json")], 0)[0]
+    assert pa == pb and len(pa) == 20
+    assert pa != src.collect_prompts([src.SourceSpec.parse(f"wiki:20@{a}/wiki_summaries_en.json")], 1)[0]
+
+
+def test_task_sources(tmp_path):
+    for code in ("en", "fr", "es"):
+        _summaries(tmp_path / f"wiki_summaries_{code}.json", code, 60)
+    rng = random.Random(0)
+    tr = src.collect_prompts([src.SourceSpec.parse(f"translate:30@{tmp_path}")], 0)[0]
+    assert len(tr) == 30
+    into_en = [p for p in tr if "English" in p]
+    assert 15 <= len(into_en) <= 25 and all(" fr summary" in p or " es summary" in p for p in into_en)
+    assert all(" en summary" in p for p in tr if p not in into_en)
+    assert any("French" in p for p in tr) and any("Spanish" in p for p in tr)
+    g = ts.load_grounded(str(tmp_path / "wiki_summaries_en.json"), 5, rng)
+    assert len(g) == 5 and all("en summary" in p for p in g)
+    m = ts.load_math(None, 40, random.Random(0))
+    assert len(m) == len(set(m)) == 40 and all(any(ch.isdigit() for ch in p) for p in m)
+    assert m == ts.load_math(None, 40, random.Random(0))
+    (tmp_path / "solo").mkdir()
+    _summaries(tmp_path / "solo" / "wiki_summaries_en.json", "en", 5)
+    with pytest.raises(FileNotFoundError, match="at least one other language"):
+        ts.load_translate(str(tmp_path / "solo"), 5, rng)
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        ts.load_translate(str(tmp_path / "wiki_summaries_en.json"), 5, rng)
+    with pytest.raises(ValueError, match="needs a local file"):
+        src.SourceSpec.parse("translate:5")
 
 
 def test_austen_needs_its_r_data(tmp_path):

@@ -1,8 +1,8 @@
 """The held-out evaluation prompts (bench/prompts/heldout.jsonl): shape, and disjointness from training prompts.
 
 The training prompt set is recomputed as scripts/make_train_prompts.py builds it: its file-free sources (the
-built-in templates, the standard library) always; the whole mix when the source files are present
-($HYDRA_FAST_PROMPT_SOURCES or out/prompt_sources, from scripts/fetch_prompt_sources.sh).
+built-in templates, the standard library, the generated word problems) always; the whole mix when the source
+files are present ($HYDRA_FAST_PROMPT_SOURCES or out/prompt_sources, from scripts/fetch_prompt_sources.sh).
 """
 import dataclasses
 import json
@@ -51,7 +51,7 @@ def test_heldout_keeps_mt_bench_out(rows):
 
 def _file_free_training(scale: float) -> list[str]:
     specs = [src.SourceSpec.parse(m) for m in mep.MIX if "{S}" not in m]
-    assert {s.name for s in specs} == {"builtin", "stdlib"}
+    assert {s.name for s in specs} == {"builtin", "stdlib", "math"}
     return src.collect_prompts([dataclasses.replace(s, count=round(s.count * scale)) for s in specs], 0)[0]
 
 
@@ -63,12 +63,10 @@ def test_heldout_is_disjoint_from_the_file_free_training_sources(rows):
     assert not any(p in guard.prompts for p in code)
 
 
-def test_guard_catches_shared_items_and_text():
+def test_guard_catches_shared_text():
     guard = mep.Guard.of(["Tell me about Ada Lovelace.",
                           "Summarize this: the quick brown fox jumps over the lazy dog while the cat sleeps "
                           "on the warm mat by the door"])
-    assert guard.item_used(src.WIKI_TASKS, title="Ada Lovelace", text="x")
-    assert not guard.item_used(src.WIKI_TASKS, title="Grace Hopper", text="x")
     assert guard.text_shared("Translate: The quick brown fox jumps over the lazy dog while the cat sleeps on the "
                              "warm mat.")
     assert not guard.text_shared("The quick brown fox jumps over the lazy dog.")  # shorter than 13 words
@@ -76,9 +74,24 @@ def test_guard_catches_shared_items_and_text():
         mep.check([{"category": "qa", "prompt": "Tell me about Ada Lovelace."}], guard)
 
 
+def test_heldout_code_comes_from_the_reserve_training_never_reads(rows):
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    reserved, other = set(), set()
+    for f in sorted(root.glob("*.py")):
+        for _, _, code in src._code_snippets(f):
+            (reserved if src.reserved("code", code) else other).add(code)
+    assert reserved and other
+    train = "\n".join(_file_free_training(1.0))
+    assert not any(code in train for code in sorted(reserved)[:300])  # the stdlib source never reads the reserve
+    shown = [c for c in reserved | other if any(c in r["prompt"] for r in rows if r["category"] == "code")]
+    assert shown and all(c in reserved for c in shown)
+
+
 @pytest.mark.slow
 @needs_sources
 def test_heldout_is_disjoint_from_the_whole_training_mix_and_rebuilds(rows):
     guard = mep.Guard.of(mep.training_prompts(str(SOURCES)))
     assert mep.check(rows, guard)
-    assert mep.build(SOURCES, guard) == rows  # the committed file is what the script builds
+    assert mep.build(SOURCES, guard) == rows  # the committed file is what the script builds, wherever SOURCES lies

