@@ -2,8 +2,8 @@
 
     bash scripts/fetch_prompt_sources.sh out/prompt_sources
     python scripts/make_train_prompts.py --sources out/prompt_sources --out .data/train_prompts.jsonl.gz
-    python scripts/make_train_prompts.py --scale 2 --out .data/train_prompts_x2.jsonl.gz    # ~15k prompts
-    hydra-fast-train default-heads ... --source jsonl:7764@.data/train_prompts.jsonl.gz
+    python scripts/make_train_prompts.py --scale 2 --out .data/train_prompts_x2.jsonl.gz    # ~18k prompts
+    hydra-fast-train default-heads ... --source jsonl:9164@.data/train_prompts.jsonl.gz
 
 One jsonl line per prompt ({"prompt": ...}), deduplicated, shuffled, checked against MT-Bench; the counts per
 source go to OUT with .sources.json. Building the mix here and answering it on the GPU machine means the GPU
@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path(".data/train_prompts.jsonl.gz"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--scale", type=float, default=1.0,
-                    help="multiply every count of the mix (HumanEval stays whole): 2 gives ~15k prompts")
+                    help="multiply every count of the mix (HumanEval stays whole): 2 gives ~18k prompts")
     ap.add_argument("--mt-bench", default=None, help="MT-Bench questions to keep out (default: shared/data)")
     args = ap.parse_args(argv)
     specs = [src.SourceSpec.parse(m.format(S=args.sources)) for m in MIX]
