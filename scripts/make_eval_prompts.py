@@ -103,13 +103,8 @@ def austen_passages(path: Path, rng: random.Random) -> list[str]:
 
 
 def fortunes(path: Path, rng: random.Random) -> list[str]:
-    items = set()
-    for f in sorted(p for p in path.iterdir() if p.is_file()):
-        for item in f.read_text(encoding="utf-8", errors="replace").split("\n%\n"):
-            item = item.strip().strip("%").strip()
-            if 40 <= len(item) <= 300 and "\t" not in item and src.reserved("fortune", item):
-                items.add(item)
-    fresh = sorted(items)
+    """Reserved sayings of 40..300 characters without tabs, shuffled."""
+    fresh = sorted(t for t in src.fortune_items(str(path), keep_reserved=True) if 40 <= len(t) <= 300 and "\t" not in t)
     rng.shuffle(fresh)
     return fresh
 
@@ -118,10 +113,8 @@ def stdlib_functions(rng: random.Random) -> list[tuple[str, str, str]]:
     """(name, kind, code) of reserved standard-library defs (the stdlib source's size filter)."""
     import sysconfig
 
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.rglob("*.py") if not src._SKIP_DIRS.intersection(p.relative_to(root).parts[:-1]))
     out = []
-    for f in files:
+    for f in src.stdlib_files(Path(sysconfig.get_paths()["stdlib"])):
         for name, what, code in src._code_snippets(f):
             if not name.startswith("_") and src.reserved("code", code):
                 out.append((name, what, code))

@@ -16,6 +16,7 @@ import math
 
 import torch
 
+from hydra_fast import reference
 from hydra_fast.engine import SpeculativeEngine
 
 
@@ -136,8 +137,8 @@ class DynamicOracleHeads(OracleHeads):
         super().__init__(real_heads, sequences, wrong_after)
         self.heads = torch.nn.ModuleList(_RecordingHead(h) for h in real_heads.heads)
 
-    def draft_scores(self, i, x, base_lm_head, k, impl=None):
-        logp, _ = self.real.draft_scores(i, x, base_lm_head, k, *([] if impl is None else [impl]))
+    def draft_scores(self, i, x, base_lm_head, k, impl=reference):
+        logp, _ = self.real.draft_scores(i, x, base_lm_head, k, impl)
         R, depth = x.shape[0], i + 1
         B = self.lens.shape[0]
         b = torch.arange(R, device=x.device) // (R // B)  # row -> sequence (frontier rows are contiguous)

@@ -124,13 +124,17 @@ def _code_snippets(path: Path, min_lines=4, max_lines=50, max_chars=1800) -> lis
     return out
 
 
+def stdlib_files(root: Path) -> list[Path]:
+    """The .py files of a standard library the stdlib source reads (tests, tools and site-packages left out), sorted."""
+    return sorted(p for p in root.rglob("*.py") if not _SKIP_DIRS.intersection(p.relative_to(root).parts[:-1]))
+
+
 def load_stdlib(path: str | None, count: int, rng: random.Random) -> list[str]:
     """Functions and classes of the local CPython standard library, with code instructions."""
     root = Path(path or sysconfig.get_paths()["stdlib"])
     if not root.is_dir():
         raise FileNotFoundError(f"stdlib source: {root} is not a directory")
-    files = sorted(p for p in root.rglob("*.py")
-                   if not _SKIP_DIRS.intersection(p.relative_to(root).parts[:-1]))
+    files = stdlib_files(root)
     rng.shuffle(files)
     prompts, parsed = [], {}
     for round_ in range(1000):  # each round takes up to 3 more snippets of every module: variety first
@@ -274,15 +278,22 @@ def load_austen(path: str | None, count: int, rng: random.Random) -> list[str]:
     return [rng.choice(TEXT_TASKS).format(text=p) for p in _pick(rng, passages, count)]
 
 
-def load_fortunes(path: str | None, count: int, rng: random.Random) -> list[str]:
-    """``%``-separated fortune files (Debian ``fortunes``: usr/share/games/fortunes; a file or a directory)."""
+def fortune_items(path: str, keep_reserved: bool = False) -> set[str]:
+    """The sayings of ``%``-separated fortune files (a file or a directory), stripped, without the evaluation
+    reserve (or only the reserve with ``keep_reserved``)."""
     items = set()
     for f in _text_files(path):
         for item in _read_text(str(f)).split("\n%\n"):
             item = item.strip().strip("%").strip()
-            if 20 <= len(item) <= 800 and not reserved("fortune", item):
+            if item and reserved("fortune", item) == keep_reserved:
                 items.add(item)
-    return [rng.choice(FORTUNE_TASKS).format(text=t) for t in _pick(rng, sorted(items), count)]
+    return items
+
+
+def load_fortunes(path: str | None, count: int, rng: random.Random) -> list[str]:
+    """``%``-separated fortune files (Debian ``fortunes``: usr/share/games/fortunes; a file or a directory)."""
+    items = sorted(t for t in fortune_items(path) if 20 <= len(t) <= 800)
+    return [rng.choice(FORTUNE_TASKS).format(text=t) for t in _pick(rng, items, count)]
 
 
 def load_jsonl(path: str | None, count: int, rng: random.Random) -> list[str]:
